@@ -1,0 +1,203 @@
+"""The DICOM listener against dcmtk's storescu/echoscu and a pynetdicom SCU: real associations,
+real files on disk, real database rows; every bad input gets its own status and the listener
+keeps serving."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, _config
+from sqlalchemy import select
+
+from pacs_agent.db.models import Instance, Study
+from pacs_agent.db.session import Database
+from pacs_agent.dimse.scp import start_scp
+from pacs_agent.ingest import Ingestor
+from pacs_agent.settings import Settings
+from pacs_agent.store import InstanceStore
+from tests.conftest import free_port, storescu, sample_path
+
+CR = "1.2.840.10008.5.1.4.1.1.1"
+
+
+class Listener:
+    def __init__(self, tmp: Path, database_url: str, **overrides: object) -> None:
+        self.settings = Settings(
+            data_dir=tmp / "data", dicom_port=free_port(), dicom_host="127.0.0.1",
+            database_url=database_url, **overrides,
+        )
+        self.db = Database(database_url)
+        self.store = InstanceStore(self.settings.instance_dir)
+        self.server = start_scp(self.settings, Ingestor(self.db, self.store))
+
+    @property
+    def port(self) -> int:
+        return self.settings.dicom_port
+
+    def instances(self) -> list[Instance]:
+        with self.db.session() as s:
+            return list(s.scalars(select(Instance)))
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.db.dispose()
+
+
+@pytest.fixture
+def listener(tmp_path: Path, database_url: str) -> Iterator[Listener]:
+    lst = Listener(tmp_path, database_url)
+    yield lst
+    lst.stop()
+
+
+def _assert_still_serving(lst: Listener) -> None:
+    res = subprocess.run(["echoscu", "-aec", "PACSAGENT", "127.0.0.1", str(lst.port)],
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+
+
+def test_echo(listener: Listener) -> None:
+    _assert_still_serving(listener)
+
+
+@pytest.mark.parametrize("name", ["RG1_J2KR.dcm", "RG3_J2KR.dcm", "RG1_UNCR.dcm"])
+def test_store_radiograph_is_fsynced_and_recorded(listener: Listener, name: str) -> None:
+    src = sample_path(name)
+    res = storescu(listener.port, src)
+    assert res.returncode == 0, res.stderr
+    ds = dcmread(src, stop_before_pixels=True)
+    [inst] = listener.instances()
+    assert inst.sop_instance_uid == ds.SOPInstanceUID
+    assert inst.analysable
+    assert inst.transfer_syntax_uid == ds.file_meta.TransferSyntaxUID  # stored as received
+    stored = listener.store.path_for(inst.path)
+    # Named by UIDs only, never patient data.
+    assert stored.name == f"{ds.SOPInstanceUID}.dcm"
+    assert str(ds.PatientName) not in str(stored)
+    back = dcmread(stored)
+    assert back.SOPInstanceUID == ds.SOPInstanceUID
+    assert back.PixelData == dcmread(src).PixelData
+
+
+def test_resend_same_instance_is_idempotent(listener: Listener) -> None:
+    src = sample_path("RG3_J2KR.dcm")
+    assert storescu(listener.port, src).returncode == 0
+    assert storescu(listener.port, src).returncode == 0
+    assert len(listener.instances()) == 1
+
+
+def _truncated_copy(tmp: Path) -> Path:
+    ds = dcmread(sample_path("RG1_UNCR.dcm"))
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
+    out = tmp / "truncated.dcm"
+    ds.save_as(out)
+    return out
+
+
+def _status_of(res: subprocess.CompletedProcess[str]) -> str:
+    return res.stdout + res.stderr
+
+
+def test_truncated_pixel_data_is_refused(listener: Listener, tmp_path: Path) -> None:
+    res = storescu(listener.port, _truncated_copy(tmp_path))
+    out = _status_of(res)
+    assert "DataSetDoesNotMatchSOPClass" in out, out
+    assert listener.instances() == []
+    _assert_still_serving(listener)
+
+
+def test_rows_zero_is_refused(listener: Listener, tmp_path: Path) -> None:
+    ds = dcmread(sample_path("RG3_J2KR.dcm"))
+    ds.Rows = 0
+    ds.save_as(tmp_path / "rows0.dcm")
+    out = _status_of(storescu(listener.port, tmp_path / "rows0.dcm"))
+    assert "DataSetDoesNotMatchSOPClass" in out, out
+    assert listener.instances() == []
+    _assert_still_serving(listener)
+
+
+def test_missing_study_uid_is_refused(listener: Listener, tmp_path: Path) -> None:
+    ds = dcmread(sample_path("RG3_J2KR.dcm"))
+    del ds.StudyInstanceUID
+    ds.save_as(tmp_path / "nostudy.dcm")
+    out = _status_of(storescu(listener.port, tmp_path / "nostudy.dcm"))
+    assert "DataSetDoesNotMatchSOPClass" in out, out
+    assert listener.instances() == []
+
+
+def test_non_image_sop_class_is_stored_not_analysed(listener: Listener) -> None:
+    sr = sample_path("test-SR.dcm")
+    assert storescu(listener.port, sr).returncode == 0
+    [inst] = listener.instances()
+    assert not inst.analysable
+    assert "non-image" in (inst.reason or "")
+
+
+def test_pixel_spacing_zero_is_accepted(listener: Listener) -> None:
+    # RG1 itself carries Pixel Spacing 0.000: the image is kept and analysed; writers must not
+    # copy the invalid value into outputs (tested in the writer tests).
+    ds = dcmread(sample_path("RG1_J2KR.dcm"), stop_before_pixels=True)
+    assert [float(v) for v in ds.PixelSpacing] == [0.0, 0.0]
+    assert storescu(listener.port, sample_path("RG1_J2KR.dcm")).returncode == 0
+    [inst] = listener.instances()
+    assert inst.analysable
+
+
+def _raw_file(tmp: Path, body: bytes) -> Path:
+    """A Part 10 header followed by ``body`` as the dataset: pynetdicom streams it unparsed."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CR
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    from pydicom.filewriter import write_file_meta_info
+
+    out = tmp / f"raw-{len(body)}.dcm"
+    with open(out, "wb") as f:
+        f.write(b"\x00" * 128 + b"DICM")
+        write_file_meta_info(f, meta, enforce_standard=True)
+        f.write(body)
+    return out
+
+
+@pytest.mark.parametrize("body", [b"this is not DICOM at all, just text." * 10, b""],
+                         ids=["not-dicom", "zero-bytes"])
+def test_undecodable_dataset_is_refused(listener: Listener, tmp_path: Path, body: bytes,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _raw_file(tmp_path, body)
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    ae = AE(ae_title="FUZZER")
+    ae.add_requested_context(CR, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="PACSAGENT")
+    assert assoc.is_established
+    status = assoc.send_c_store(path)
+    assoc.release()
+    assert status.Status in (0xC210, 0xA900), hex(status.Status)
+    assert listener.instances() == []
+    _assert_still_serving(listener)
+
+
+def test_wrong_calling_ae_is_rejected(tmp_path: Path, database_url: str) -> None:
+    lst = Listener(tmp_path, database_url, allowed_calling_aes=["GOODMOD"])
+    try:
+        bad = storescu(lst.port, sample_path("RG3_J2KR.dcm"), aet="BADMOD")
+        assert bad.returncode != 0
+        assert lst.instances() == []
+        good = storescu(lst.port, sample_path("RG3_J2KR.dcm"), aet="GOODMOD")
+        assert good.returncode == 0, good.stderr
+        assert len(lst.instances()) == 1
+    finally:
+        lst.stop()
+
+
+def test_study_rows_link_instances(listener: Listener) -> None:
+    assert storescu(listener.port, sample_path("RG1_J2KR.dcm"), sample_path("RG3_J2KR.dcm")).returncode == 0
+    with listener.db.session() as s:
+        studies = list(s.scalars(select(Study)))
+    assert {st.status for st in studies} == {"receiving"}
+    assert sum(1 for _ in listener.instances()) == 2
