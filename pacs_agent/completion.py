@@ -61,7 +61,7 @@ class CompletionLoop:
 
     def _complete(self, study_id: int, version: int) -> bool:
         with self.db.session() as s:
-            claimed = s.execute(
+            claimed = s.execute(  # type: ignore[attr-defined]
                 update(Study)
                 .where(
                     Study.id == study_id,

@@ -14,6 +14,7 @@ import sys
 import threading
 
 import uvicorn
+from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import text
 
 from pacs_agent.broker import EmbeddedBroker
@@ -68,7 +69,7 @@ class Agent:
             poll_s=settings.completion_poll_s,
         )
         self.puller = PullWorker(settings, self.db, self.ingestor)
-        self.scp = None
+        self.scp: ThreadedAssociationServer | None = None
         self.http: uvicorn.Server | None = None
         self._http_thread: threading.Thread | None = None
 

@@ -51,8 +51,21 @@ def redis_server() -> str:
             pytest.fail("redis-server is not installed (make system-deps installs it)")
         Path("/tmp/pacs-agent-test-redis").mkdir(exist_ok=True)
         subprocess.run(
-            [exe, "--daemonize", "yes", "--bind", "127.0.0.1", "--port", str(REDIS_PORT),
-             "--save", "", "--appendonly", "no", "--dir", "/tmp/pacs-agent-test-redis"],
+            [
+                exe,
+                "--daemonize",
+                "yes",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(REDIS_PORT),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                "/tmp/pacs-agent-test-redis",
+            ],
             check=True,
         )
         if not _wait_port(REDIS_HOST, REDIS_PORT, 15):
@@ -135,7 +148,8 @@ def demo_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bundle") / "demo"
     subprocess.run(
         [sys.executable, "-m", "pacs_agent.cli", "models", "demo", "--out", str(out)],
-        check=True, cwd=REPO,
+        check=True,
+        cwd=REPO,
     )
     return out
 
@@ -157,7 +171,10 @@ class Proc:
         self._log = open(log_path, "wb")
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "pacs_agent.cli", *args],
-            env=env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
 
     def log_tail(self, n: int = 60) -> str:
@@ -181,8 +198,9 @@ class Proc:
 class AgentEnv:
     """Environment for one agent + worker deployment under test."""
 
-    def __init__(self, tmp: Path, database_url: str, broker_url: str, bundle: Path,
-                 destinations: str) -> None:
+    def __init__(
+        self, tmp: Path, database_url: str, broker_url: str, bundle: Path, destinations: str
+    ) -> None:
         self.data_dir = tmp / "agent-data"
         self.dicom_port = free_port()
         self.http_port = free_port()
@@ -261,8 +279,13 @@ _PROPOSE = {
 }
 
 
-def storescu(port: int, *files: Path, aet: str = "MODALITY", aec: str = "PACSAGENT",
-             extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+def storescu(
+    port: int,
+    *files: Path,
+    aet: str = "MODALITY",
+    aec: str = "PACSAGENT",
+    extra: tuple[str, ...] = (),
+) -> subprocess.CompletedProcess[str]:
     """dcmtk's storescu as the sending modality, proposing each file's own transfer syntax
     (one association per transfer syntax, files in the order given)."""
     from pydicom import dcmread
@@ -275,8 +298,22 @@ def storescu(port: int, *files: Path, aet: str = "MODALITY", aec: str = "PACSAGE
     out, err = "", ""
     for flag, group in groups.items():
         result = subprocess.run(
-            ["storescu", "-v", "-aet", aet, "-aec", aec, flag, *extra, "127.0.0.1", str(port), *group],
-            capture_output=True, text=True, timeout=120,
+            [
+                "storescu",
+                "-v",
+                "-aet",
+                aet,
+                "-aec",
+                aec,
+                flag,
+                *extra,
+                "127.0.0.1",
+                str(port),
+                *group,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         out += result.stdout
         err += result.stderr

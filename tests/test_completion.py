@@ -21,12 +21,15 @@ from pacs_agent.store import InstanceStore
 from tests.conftest import free_port, sample_path
 
 
-def _setup(tmp: Path, database_url: str, broker_url: str) -> tuple[Database, Ingestor, CompletionLoop]:
+def _setup(
+    tmp: Path, database_url: str, broker_url: str
+) -> tuple[Database, Ingestor, CompletionLoop]:
     db = Database(database_url)
     ingestor = Ingestor(db, InstanceStore(tmp / "store"))
     settings = Settings(data_dir=tmp, database_url=database_url, broker_url=broker_url)
-    loop = CompletionLoop(db, make_celery(settings), quiet_period_s=0.0,
-                          default_destinations=["file:///tmp/out"])
+    loop = CompletionLoop(
+        db, make_celery(settings), quiet_period_s=0.0, default_destinations=["file:///tmp/out"]
+    )
     return db, ingestor, loop
 
 
@@ -48,8 +51,11 @@ def _ingest(ingestor: Ingestor, name: str, **changes: str) -> str:
 
 def _age_studies(db: Database) -> None:
     with db.session() as s:
-        s.execute(update(Study).values(last_received_at=dt.datetime.now(dt.UTC)
-                                       - dt.timedelta(seconds=60)))
+        s.execute(
+            update(Study).values(
+                last_received_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=60)
+            )
+        )
 
 
 def _queued_messages(broker_url: str) -> list[dict]:
@@ -61,8 +67,9 @@ def _queued_messages(broker_url: str) -> list[dict]:
     return msgs
 
 
-def test_one_job_per_study_version_and_sent_after_commit(tmp_path: Path, database_url: str,
-                                                         broker_url: str) -> None:
+def test_one_job_per_study_version_and_sent_after_commit(
+    tmp_path: Path, database_url: str, broker_url: str
+) -> None:
     db, ingestor, loop = _setup(tmp_path, database_url, broker_url)
     study_uid = _ingest(ingestor, "RG1_J2KR.dcm")
     _age_studies(db)
@@ -91,9 +98,9 @@ def test_one_job_per_study_version_and_sent_after_commit(tmp_path: Path, databas
     assert len(_queued_messages(broker_url)) == 2
 
 
-def test_study_without_analysable_images_is_skipped_with_reason(tmp_path: Path,
-                                                               database_url: str,
-                                                               broker_url: str) -> None:
+def test_study_without_analysable_images_is_skipped_with_reason(
+    tmp_path: Path, database_url: str, broker_url: str
+) -> None:
     db, ingestor, loop = _setup(tmp_path, database_url, broker_url)
     study_uid = _ingest(ingestor, "test-SR.dcm")
     _age_studies(db)
@@ -113,14 +120,28 @@ def test_study_without_analysable_images_is_skipped_with_reason(tmp_path: Path,
 def test_rules_route_and_skip(tmp_path: Path, database_url: str, broker_url: str) -> None:
     db, ingestor, loop = _setup(tmp_path, database_url, broker_url)
     with db.session() as s:
-        s.add(Rule(name="skip-from-MOD", priority=1, conditions={"calling_aes": ["MOD"],
-                                                                 "body_parts": ["FOOT"]},
-                   action="skip"))
-        s.add(Rule(name="chest", priority=2, conditions={"modalities": ["CR", "DX"]},
-                   pipeline="chest", triage_priority=7, destinations=["dicom://PACS@h:104"]))
+        s.add(
+            Rule(
+                name="skip-from-MOD",
+                priority=1,
+                conditions={"calling_aes": ["MOD"], "body_parts": ["FOOT"]},
+                action="skip",
+            )
+        )
+        s.add(
+            Rule(
+                name="chest",
+                priority=2,
+                conditions={"modalities": ["CR", "DX"]},
+                pipeline="chest",
+                triage_priority=7,
+                destinations=["dicom://PACS@h:104"],
+            )
+        )
     chest = _ingest(ingestor, "RG1_J2KR.dcm")
-    other = _ingest(ingestor, "RG3_J2KR.dcm", StudyInstanceUID=generate_uid(),
-                    BodyPartExamined="FOOT")
+    other = _ingest(
+        ingestor, "RG3_J2KR.dcm", StudyInstanceUID=generate_uid(), BodyPartExamined="FOOT"
+    )
     _age_studies(db)
     loop.run_once()
     with db.session() as s:
@@ -133,8 +154,9 @@ def test_rules_route_and_skip(tmp_path: Path, database_url: str, broker_url: str
     assert "skip-from-MOD" in (by_uid[other].reason or "")
 
 
-def test_broker_down_keeps_job_pending_until_it_returns(tmp_path: Path, database_url: str,
-                                                        broker_url: str) -> None:
+def test_broker_down_keeps_job_pending_until_it_returns(
+    tmp_path: Path, database_url: str, broker_url: str
+) -> None:
     dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     db, ingestor, loop = _setup(tmp_path, database_url, dead)
     _ingest(ingestor, "RG3_J2KR.dcm")

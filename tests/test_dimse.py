@@ -21,7 +21,7 @@ from pacs_agent.dimse.scp import start_scp
 from pacs_agent.ingest import Ingestor
 from pacs_agent.settings import Settings
 from pacs_agent.store import InstanceStore
-from tests.conftest import free_port, storescu, sample_path
+from tests.conftest import free_port, sample_path, storescu
 
 CR = "1.2.840.10008.5.1.4.1.1.1"
 
@@ -29,8 +29,11 @@ CR = "1.2.840.10008.5.1.4.1.1.1"
 class Listener:
     def __init__(self, tmp: Path, database_url: str, **overrides: object) -> None:
         self.settings = Settings(
-            data_dir=tmp / "data", dicom_port=free_port(), dicom_host="127.0.0.1",
-            database_url=database_url, **overrides,
+            data_dir=tmp / "data",
+            dicom_port=free_port(),
+            dicom_host="127.0.0.1",
+            database_url=database_url,
+            **overrides,
         )
         self.db = Database(database_url)
         self.store = InstanceStore(self.settings.instance_dir)
@@ -57,8 +60,12 @@ def listener(tmp_path: Path, database_url: str) -> Iterator[Listener]:
 
 
 def _assert_still_serving(lst: Listener) -> None:
-    res = subprocess.run(["echoscu", "-aec", "PACSAGENT", "127.0.0.1", str(lst.port)],
-                         capture_output=True, text=True, timeout=30)
+    res = subprocess.run(
+        ["echoscu", "-aec", "PACSAGENT", "127.0.0.1", str(lst.port)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert res.returncode == 0, res.stderr
 
 
@@ -165,10 +172,12 @@ def _raw_file(tmp: Path, body: bytes) -> Path:
     return out
 
 
-@pytest.mark.parametrize("body", [b"this is not DICOM at all, just text." * 10, b""],
-                         ids=["not-dicom", "zero-bytes"])
-def test_undecodable_dataset_is_refused(listener: Listener, tmp_path: Path, body: bytes,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "body", [b"this is not DICOM at all, just text." * 10, b""], ids=["not-dicom", "zero-bytes"]
+)
+def test_undecodable_dataset_is_refused(
+    listener: Listener, tmp_path: Path, body: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = _raw_file(tmp_path, body)
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
     ae = AE(ae_title="FUZZER")
@@ -196,7 +205,10 @@ def test_wrong_calling_ae_is_rejected(tmp_path: Path, database_url: str) -> None
 
 
 def test_study_rows_link_instances(listener: Listener) -> None:
-    assert storescu(listener.port, sample_path("RG1_J2KR.dcm"), sample_path("RG3_J2KR.dcm")).returncode == 0
+    assert (
+        storescu(listener.port, sample_path("RG1_J2KR.dcm"), sample_path("RG3_J2KR.dcm")).returncode
+        == 0
+    )
     with listener.db.session() as s:
         studies = list(s.scalars(select(Study)))
     assert {st.status for st in studies} == {"receiving"}

@@ -34,13 +34,17 @@ class RecordingPuller:
 
 
 @pytest.fixture
-def client(tmp_path: Path, database_url: str) -> Iterator[tuple[TestClient, AgentState, RecordingPuller]]:
-    settings = Settings(data_dir=tmp_path, database_url=database_url, webhook_secret=SECRET,
-                        min_free_disk_mb=1)
+def client(
+    tmp_path: Path, database_url: str
+) -> Iterator[tuple[TestClient, AgentState, RecordingPuller]]:
+    settings = Settings(
+        data_dir=tmp_path, database_url=database_url, webhook_secret=SECRET, min_free_disk_mb=1
+    )
     db = Database(database_url)
     puller = RecordingPuller()
-    state = AgentState(settings=settings, db=db, store=InstanceStore(settings.instance_dir),
-                       puller=puller)  # type: ignore[arg-type]
+    state = AgentState(
+        settings=settings, db=db, store=InstanceStore(settings.instance_dir), puller=puller
+    )  # type: ignore[arg-type]
     with TestClient(create_app(state)) as c:
         yield c, state, puller
     db.dispose()
@@ -49,8 +53,11 @@ def client(tmp_path: Path, database_url: str) -> Iterator[tuple[TestClient, Agen
 def _signed(body: dict, ts: int | None = None, secret: str = SECRET) -> tuple[bytes, dict]:
     raw = json.dumps(body).encode()
     ts = int(time.time()) if ts is None else ts
-    return raw, {TIMESTAMP_HEADER: str(ts), SIGNATURE_HEADER: sign(secret, ts, raw),
-                 "content-type": "application/json"}
+    return raw, {
+        TIMESTAMP_HEADER: str(ts),
+        SIGNATURE_HEADER: sign(secret, ts, raw),
+        "content-type": "application/json",
+    }
 
 
 def test_health(client: tuple) -> None:
@@ -61,8 +68,9 @@ def test_health(client: tuple) -> None:
 
 def test_webhook_accepts_signed_call(client: tuple) -> None:
     c, _, puller = client
-    raw, headers = _signed({"event": "StableStudy", "orthanc_study_id": "abc-123",
-                            "study_instance_uid": "1.2.3"})
+    raw, headers = _signed(
+        {"event": "StableStudy", "orthanc_study_id": "abc-123", "study_instance_uid": "1.2.3"}
+    )
     r = c.post("/webhook/orthanc", content=raw, headers=headers)
     assert r.status_code == 202, r.text
     assert puller.requests == [PullRequest("abc-123", "1.2.3")]
@@ -106,8 +114,7 @@ def test_instance_download_and_study_api(client: tuple) -> None:
     c, state, _ = client
     data = sample_path("RG3_J2KR.dcm").read_bytes()
     ds = parse_part10(data)
-    Ingestor(state.db, state.store).ingest(data, ds, ds.file_meta.TransferSyntaxUID,
-                                           source="stow")
+    Ingestor(state.db, state.store).ingest(data, ds, ds.file_meta.TransferSyntaxUID, source="stow")
     r = c.get(f"/api/instances/{ds.SOPInstanceUID}")
     assert r.status_code == 200 and r.content == data
     assert c.get("/api/instances/1.2.3.4").status_code == 404

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 from pydicom.uid import (
     HTJ2K,
@@ -30,7 +31,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs_agent.dicom_facts import (
@@ -117,12 +118,13 @@ def make_ae(settings: Settings) -> AE:
 def start_scp(settings: Settings, ingestor: Ingestor) -> ThreadedAssociationServer:
     """Start the listener in background threads and return the server (call .shutdown())."""
     ae = make_ae(settings)
-    handlers = [
+    handlers: list[Any] = [
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [ingestor]),
     ]
     server = ae.start_server(
         (settings.dicom_host, settings.dicom_port), block=False, evt_handlers=handlers
     )
+    assert server is not None  # block=False always returns the server
     log.info("DICOM listener %s on port %d", settings.ae_title, settings.dicom_port)
     return server

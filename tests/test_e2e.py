@@ -1,0 +1,216 @@
+"""End to end with real parts: a real Orthanc (with the plugin from orthanc/), a real Redis, the
+agent and a Celery worker as processes, PostgreSQL, storescu as the modality, dciodvfy as judge.
+
+One deployment serves the tests of this module in order: C-STORE path, webhook path, redelivery.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from sqlalchemy import select, update
+
+from pacs_agent.db.models import Delivery, Job, Result
+from pacs_agent.db.session import Database
+from pacs_agent.queue import enqueue_job, make_celery
+from pacs_agent.settings import Settings
+from tests.conftest import AgentEnv, _create_pg_database, _drop_pg_database, sample_path, storescu
+from tests.dciodvfy import dciodvfy_errors
+from tests.support import free_port
+from tests.support.orthanc import OrthancServer, start_orthanc
+
+pytestmark = pytest.mark.e2e
+
+SECRET = "e2e-webhook-secret"
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
+SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+
+
+@dataclass
+class Stack:
+    agent: AgentEnv
+    orthanc: OrthancServer
+    database_url: str
+
+
+@pytest.fixture(scope="module")
+def stack(
+    tmp_path_factory: pytest.TempPathFactory,
+    postgres_server: str,
+    redis_server: str,
+    demo_bundle: Path,
+) -> Iterator[Stack]:
+    import redis
+
+    tmp = tmp_path_factory.mktemp("e2e")
+    name, db_url = _create_pg_database(postgres_server)
+    from pacs_agent.db.migrate import upgrade
+
+    upgrade(db_url)
+    broker_url = f"{redis_server}/15"
+    redis.Redis.from_url(broker_url).flushdb()
+    orthanc_http, orthanc_dicom = free_port(), free_port()
+    agent = AgentEnv(
+        tmp,
+        db_url,
+        broker_url,
+        demo_bundle,
+        destinations=f"dicom://ORTHANC@127.0.0.1:{orthanc_dicom}",
+    )
+    agent.env["PACS_AGENT_ORTHANC_URL"] = f"http://127.0.0.1:{orthanc_http}"
+    agent.env["PACS_AGENT_WEBHOOK_SECRET"] = SECRET
+    orthanc = start_orthanc(
+        tmp / "orthanc",
+        http_port=orthanc_http,
+        dicom_port=orthanc_dicom,
+        modalities={"pacsagent": ("PACSAGENT", "127.0.0.1", agent.dicom_port)},
+        webhook_url=f"{agent.url}/webhook/orthanc",
+        webhook_secret=SECRET,
+        stable_age=2,
+    )
+    try:
+        agent.start_agent()
+        agent.start_worker()
+        yield Stack(agent, orthanc, db_url)
+    finally:
+        agent.stop()
+        orthanc.stop()
+        redis.Redis.from_url(broker_url).flushdb()
+        _drop_pg_database(postgres_server, name)
+
+
+def _outputs(orthanc: OrthancServer, study_uid: str) -> dict[str, list[Dataset]]:
+    by_class: dict[str, list[Dataset]] = {}
+    for inst in orthanc.study_instances(study_uid):
+        ds = dcmread(io.BytesIO(orthanc.get_instance_file(inst["ID"])))
+        by_class.setdefault(str(ds.SOPClassUID), []).append(ds)
+    return by_class
+
+
+def _wait_outputs(
+    orthanc: OrthancServer, study_uid: str, n_sources: int, timeout: float = 60
+) -> dict[str, list[Dataset]]:
+    end = time.monotonic() + timeout
+    while True:
+        found = _outputs(orthanc, study_uid)
+        if all(
+            len(found.get(c, [])) >= n
+            for c, n in ((SR_CLASS, 1), (SEG_CLASS, n_sources), (SC_CLASS, n_sources))
+        ):
+            return found
+        if time.monotonic() > end:
+            pytest.fail(f"outputs missing in Orthanc: { {k: len(v) for k, v in found.items()} }")
+        time.sleep(0.5)
+
+
+def _check_outputs(found: dict[str, list[Dataset]], source: Dataset, tmp: Path) -> None:
+    [sr] = found[SR_CLASS]
+    segs = [
+        d
+        for d in found[SEG_CLASS]
+        if d.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID
+        == source.SOPInstanceUID
+    ]
+    scs = [
+        d
+        for d in found[SC_CLASS]
+        if any(
+            ref.ReferencedSOPInstanceUID == source.SOPInstanceUID
+            for ref in d.get("SourceImageSequence", [])
+        )
+    ]
+    assert len(segs) == 1 and len(scs) == 1
+    for ds in (sr, segs[0], scs[0]):
+        assert ds.StudyInstanceUID == source.StudyInstanceUID
+        assert ds.PatientID == source.PatientID
+        assert ds.SeriesInstanceUID != source.SeriesInstanceUID
+        path = tmp / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        errors = dciodvfy_errors(path)
+        assert errors == [], f"dciodvfy errors in {ds.SOPClassUID.name}: {errors}"
+    for ds in (segs[0], scs[0]):
+        assert (ds.Rows, ds.Columns) == (source.Rows, source.Columns)
+    assert "DEMO" in str(sr.SeriesDescription) + str(sr.get("ContentLabel", ""))
+
+
+def test_cstore_study_gets_sr_seg_sc_in_orthanc(stack: Stack, tmp_path: Path) -> None:
+    src_path = sample_path("RG1_J2KR.dcm")
+    source = dcmread(src_path)
+    res = storescu(stack.agent.dicom_port, src_path)
+    assert res.returncode == 0, res.stderr
+    study = stack.agent.wait_study(source.StudyInstanceUID, {"done", "failed", "skipped"})
+    assert study["status"] == "done", study
+    found = _wait_outputs(stack.orthanc, source.StudyInstanceUID, 1)
+    _check_outputs(found, source, tmp_path)
+    # The plugin must not send the agent's own results back to it as a new study.
+    time.sleep(4)
+    again = stack.agent.study(source.StudyInstanceUID)
+    assert again is not None and again["version"] == 1 and len(again["jobs"]) == 1
+
+
+def test_webhook_path_pulls_from_orthanc(stack: Stack, tmp_path: Path) -> None:
+    src_path = sample_path("RG3_J2KR.dcm")
+    source = dcmread(src_path)
+    stack.orthanc.upload(src_path.read_bytes())  # arrives in the PACS, not at the agent
+    study = stack.agent.wait_study(source.StudyInstanceUID, {"done", "failed", "skipped"})
+    assert study["status"] == "done", study
+    assert study["source"] == "orthanc"
+    found = _wait_outputs(stack.orthanc, source.StudyInstanceUID, 1)
+    _check_outputs(found, source, tmp_path)
+    # Results arriving in Orthanc make the study stable again: the agent must recognise its
+    # own objects and not start another version.
+    time.sleep(6)
+    again = stack.agent.study(source.StudyInstanceUID)
+    assert again is not None and again["version"] == 1 and len(again["jobs"]) == 1
+
+
+def test_redelivered_job_makes_no_second_copy(stack: Stack) -> None:
+    source = dcmread(sample_path("RG1_J2KR.dcm"), stop_before_pixels=True)
+    study = stack.agent.study(source.StudyInstanceUID)
+    assert study is not None and study["status"] == "done"
+    job_id = study["jobs"][0]["id"]
+    before = sorted(
+        i["MainDicomTags"]["SOPInstanceUID"]
+        for i in stack.orthanc.study_instances(source.StudyInstanceUID)
+    )
+    db = Database(stack.database_url)
+    # What a worker killed after sending but before recording leaves behind: the job marked
+    # running, its deliveries not recorded, its message redelivered by the broker.
+    with db.session() as s:
+        s.execute(update(Job).where(Job.id == job_id).values(status="running"))
+        result_ids = list(s.scalars(select(Result.id).where(Result.job_id == job_id)))
+        s.execute(
+            update(Delivery).where(Delivery.result_id.in_(result_ids)).values(status="pending")
+        )
+    settings = Settings(broker_url=stack.agent.env["PACS_AGENT_BROKER_URL"])
+    enqueue_job(make_celery(settings), job_id, priority=5)
+    end = time.monotonic() + 120
+    while True:
+        with db.session() as s:
+            job = s.scalar(select(Job).where(Job.id == job_id))
+        assert job is not None
+        if job.status == "done" and job.attempts == 2:
+            break
+        if time.monotonic() > end:
+            pytest.fail(f"redelivered job not done: {job.status} attempts={job.attempts}")
+        time.sleep(0.5)
+    with db.session() as s:
+        statuses = set(s.scalars(select(Delivery.status).where(Delivery.result_id.in_(result_ids))))
+        attempts = set(
+            s.scalars(select(Delivery.attempts).where(Delivery.result_id.in_(result_ids)))
+        )
+    db.dispose()
+    assert statuses == {"done"} and attempts == {2}  # sent again, same UIDs
+    after = sorted(
+        i["MainDicomTags"]["SOPInstanceUID"]
+        for i in stack.orthanc.study_instances(source.StudyInstanceUID)
+    )
+    assert after == before
