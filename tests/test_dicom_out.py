@@ -1,0 +1,515 @@
+"""DICOM writers (SR, SEG, heatmap SC): build from real test images, save, read back, compare,
+and validate with dciodvfy.
+
+Sources: NEMA WG04 radiographs from pydicom-data (RG1: CR chest, 1955x1841, 15-bit MONOCHROME1,
+Pixel Spacing 0.000, JPEG 2000 lossless; RG3: CR extremity, Laterality R) and pydicom's own
+files of other kinds (CT MONOCHROME2 16-bit with a Frame of Reference, RGB 8-bit secondary
+capture, YBR_RCT JPEG 2000 ultrasound, lossy JPEG 2000 MR).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime as dt
+import io
+from collections.abc import Iterator
+from typing import cast
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom import Dataset
+from pydicom.data import get_testdata_file
+from pydicom.sr.codedict import codes
+from pydicom.uid import UID, Comprehensive3DSRStorage
+
+from pacs_agent.uids import derive_uid
+from tests.dciodvfy import requires_dciodvfy, run_dciodvfy, split_findings
+from workers.dicom_out import build_heatmap_sc, build_seg, build_sr, common
+from workers.dicom_out.sc import jet
+from workers.results import AlgorithmInfo, Finding, OutputIdentity
+
+SOURCES = [
+    "RG1_J2KR.dcm",
+    "RG3_UNCR.dcm",
+    "CT_small.dcm",
+    "SC_rgb.dcm",
+    "US1_J2KR.dcm",
+    "MR2_J2KI.dcm",
+]
+CREATED = dt.datetime(2024, 5, 6, 7, 8, 9)
+DEMO = AlgorithmInfo(
+    name="pacs-agent demo chest (RANDOM WEIGHTS)",
+    version="0.1.0",
+    checksum="0123456789abcdef" * 4,
+    is_demo=True,
+)
+SEGMENT_LABELS = ["Left lung", "Heart", "Mystery structure"]
+
+
+def _path(name: str) -> str:
+    path = get_testdata_file(name)
+    if path is None:
+        pytest.skip(f"{name} not available (pydicom-data missing?)")
+    return str(path)
+
+
+def _identity(source: Dataset, kind: str, number: int) -> OutputIdentity:
+    root = (str(source.StudyInstanceUID), "pipeline-0.1.0", kind)
+    return OutputIdentity(
+        series_instance_uid=derive_uid(*root, "series"),
+        sop_instance_uid=derive_uid(*root, str(source.SOPInstanceUID)),
+        series_number=number,
+        instance_number=1,
+        series_description=f"AI {kind} (DEMO)",
+    )
+
+
+def _display(source: Dataset) -> np.ndarray:
+    """Source pixels as 0..1 grey, MONOCHROME2 sense (what the model runner hands over)."""
+    pixels = source.pixel_array.astype(np.float32)
+    if pixels.ndim == 3:  # colour: pydicom converts YBR to RGB
+        pixels = pixels.mean(axis=-1)
+    lo, hi = np.percentile(pixels, [1, 99])
+    grey = np.clip((pixels - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+    if source.PhotometricInterpretation == "MONOCHROME1":
+        grey = 1.0 - grey
+    return grey
+
+
+def _heatmap(rows: int, cols: int) -> tuple[np.ndarray, tuple[int, int]]:
+    peak = (int(rows * 0.4), int(cols * 0.6))
+    r, c = np.mgrid[0:rows, 0:cols].astype(np.float32)
+    sigma_r, sigma_c = max(rows * 0.12, 1.0), max(cols * 0.12, 1.0)
+    heat = np.exp(-(((r - peak[0]) / sigma_r) ** 2 + ((c - peak[1]) / sigma_c) ** 2))
+    return heat, peak
+
+
+def _masks(rows: int, cols: int) -> np.ndarray:
+    masks = np.zeros((3, rows, cols), dtype=bool)
+    masks[0, rows // 8 : rows * 7 // 8, cols // 10 : cols // 2] = True  # rectangle
+    r, c = np.ogrid[0:rows, 0:cols]
+    masks[1] = (r - rows / 2) ** 2 + (c - cols * 0.6) ** 2 <= (min(rows, cols) / 5) ** 2  # disc
+    # masks[2] stays empty: an empty segment must survive the round trip too
+    return masks
+
+
+def _findings(source: Dataset) -> list[Finding]:
+    uid = str(source.SOPInstanceUID)
+    return [
+        Finding("Cardiomegaly", 0.91, 0.5, uid, point=(source.Columns // 2, source.Rows // 2)),
+        Finding("Pleural effusion", 0.12, 0.5, uid),
+        Finding("Consolidation", 0.5, 0.5, uid, point=(0, 0)),  # private code, at threshold
+    ]
+
+
+def _to_bytes(ds: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+@dataclasses.dataclass
+class Built:
+    source: Dataset
+    findings: list[Finding]
+    masks: np.ndarray
+    heat_peak: tuple[int, int]
+    identities: dict[str, OutputIdentity]
+    encoded: dict[str, bytes]
+
+
+@pytest.fixture(scope="module", params=SOURCES)
+def built(request: pytest.FixtureRequest) -> Iterator[Built]:
+    """SR, SEG and SC built once per source and encoded to bytes."""
+    source = pydicom.dcmread(_path(request.param))
+    rows, cols = int(source.Rows), int(source.Columns)
+    findings = _findings(source)
+    masks = _masks(rows, cols)
+    heat, peak = _heatmap(rows, cols)
+    identities = {
+        "sr": _identity(source, "findings", 901),
+        "seg": _identity(source, "segmentation", 902),
+        "sc": _identity(source, "heatmap", 903),
+    }
+    sr = build_sr([source], findings, DEMO, identities["sr"], created=CREATED)
+    seg = build_seg(source, masks, SEGMENT_LABELS, DEMO, identities["seg"], created=CREATED)
+    sc = build_heatmap_sc(source, _display(source), heat, DEMO, identities["sc"], created=CREATED)
+    yield Built(
+        source=source,
+        findings=findings,
+        masks=masks,
+        heat_peak=peak,
+        identities=identities,
+        encoded={"sr": _to_bytes(sr), "seg": _to_bytes(seg), "sc": _to_bytes(sc)},
+    )
+
+
+def _read(data: bytes) -> Dataset:
+    return pydicom.dcmread(io.BytesIO(data))
+
+
+def _assert_common(ds: Dataset, source: Dataset, identity: OutputIdentity) -> None:
+    assert ds.SOPInstanceUID == identity.sop_instance_uid
+    assert ds.SeriesInstanceUID == identity.series_instance_uid
+    assert ds.SeriesNumber == identity.series_number
+    assert ds.InstanceNumber == identity.instance_number
+    assert ds.SeriesDescription == identity.series_description
+    assert ds.file_meta.MediaStorageSOPInstanceUID == identity.sop_instance_uid
+    for keyword in ("StudyInstanceUID", "PatientID", "PatientName", "StudyDate", "AccessionNumber"):
+        assert ds.get(keyword) == source.get(keyword), keyword
+    assert ds.Manufacturer == DEMO.manufacturer
+    assert ds.ManufacturerModelName == DEMO.name
+    assert ds.SoftwareVersions == DEMO.software_version
+    assert ds.ContentDate == "20240506" and ds.ContentTime.startswith("070809")
+    [equipment] = [
+        e for e in ds.ContributingEquipmentSequence if e.Manufacturer == DEMO.manufacturer
+    ]
+    assert equipment.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"  # processing
+    assert DEMO.disclaimer in equipment.ContributionDescription
+    assert DEMO.checksum in equipment.ContributionDescription
+
+
+def _walk(ds: Dataset) -> Iterator[Dataset]:
+    yield ds
+    for element in ds:
+        if element.VR == "SQ":
+            for item in element.value:
+                yield from _walk(item)
+
+
+# --------------------------------------------------------------------------- SR
+
+
+def test_sr_round_trip(built: Built) -> None:
+    identity = built.identities["sr"]
+    ds = _read(built.encoded["sr"])
+    _assert_common(ds, built.source, identity)
+    assert ds.SOPClassUID == Comprehensive3DSRStorage
+    assert ds.CompletionFlag == "COMPLETE" and ds.VerificationFlag == "UNVERIFIED"
+    assert ds.PreliminaryFlag == "PRELIMINARY"
+    evidence = ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == built.source.SOPInstanceUID
+
+    sr = hd.sr.srread(io.BytesIO(built.encoded["sr"]))
+    groups = cast(hd.sr.MeasurementReport, sr.content).get_image_measurement_groups()
+    assert len(groups) == len(built.findings)
+    for index, (group, finding) in enumerate(zip(groups, built.findings, strict=True), start=1):
+        assert group.tracking_uid == derive_uid(
+            identity.sop_instance_uid,
+            "finding",
+            str(index),
+            finding.label,
+            finding.source_sop_instance_uid,
+        )
+        assert group.finding_type is not None and group.finding_type.meaning == finding.label
+        assert [img.referenced_sop_instance_uid for img in group.source_images] == [
+            finding.source_sop_instance_uid
+        ]
+        [evaluation] = group.get_qualitative_evaluations(name=group.finding_type)
+        assert evaluation.value == (codes.SCT.Present if finding.present else codes.SCT.Absent)
+        measurement = group.get_measurements(name=codes.DCM.Probability)[0]
+        assert measurement.value == pytest.approx(finding.probability)
+        assert measurement.unit == codes.UCUM.NoUnits
+        texts: dict[str, list[str]] = {}
+        for item in group[0].ContentSequence:
+            if item.ValueType == "TEXT":
+                name = item.ConceptNameCodeSequence[0].CodeMeaning
+                texts.setdefault(name, []).append(item.TextValue)
+        assert DEMO.disclaimer in texts["Algorithm Name"][0]
+        assert texts["Algorithm Version"] == [DEMO.version]
+        params = " ".join(texts["Algorithm Parameters"])
+        assert f"bundle_sha256={DEMO.checksum}" in params and "threshold=0.5" in params
+        scoords = [item for item in _walk(group[0]) if item.get("ValueType") == "SCOORD"]
+        if finding.point is None:
+            assert scoords == []
+        else:
+            assert len(scoords) == 1 and scoords[0].GraphicType == "POINT"
+            column, row = finding.point
+            assert list(scoords[0].GraphicData) == pytest.approx([column + 0.5, row + 0.5])
+            image = scoords[0].ContentSequence[0].ReferencedSOPSequence[0]
+            assert image.ReferencedSOPInstanceUID == finding.source_sop_instance_uid
+    # private code for the label without a SNOMED CT concept, and its scheme declared
+    private = groups[2].finding_type
+    assert private is not None and private.scheme_designator == common.PRIVATE_SCHEME
+    assert ds.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == common.PRIVATE_SCHEME
+
+
+def test_sr_procedure_describes_imaging_not_algorithm(built: Built) -> None:
+    ds = _read(built.encoded["sr"])
+    items = [
+        item
+        for item in _walk(ds)
+        if "ConceptNameCodeSequence" in item
+        and item.ConceptNameCodeSequence[0].CodeMeaning == "Procedure reported"
+    ]
+    assert len(items) == 1
+    procedure = items[0].ConceptCodeSequence[0]
+    if built.source.Modality == "CR":
+        assert procedure.CodeValue == codes.cid100.XRUnspecifiedBodyRegion.value
+    assert "AI" not in procedure.CodeMeaning and "algorithm" not in procedure.CodeMeaning.lower()
+
+
+# --------------------------------------------------------------------------- SEG
+
+
+def test_seg_round_trip(built: Built) -> None:
+    identity = built.identities["seg"]
+    ds = _read(built.encoded["seg"])
+    _assert_common(ds, built.source, identity)
+    assert (ds.Rows, ds.Columns) == (built.source.Rows, built.source.Columns)
+    assert ds.SegmentationType == "BINARY"
+    assert ds.ContentLabel == "AI_DEMO" and ds.ContentDescription == DEMO.disclaimer
+    assert ds.ImageComments == DEMO.disclaimer
+
+    seg = hd.seg.segread(io.BytesIO(built.encoded["seg"]))
+    assert [uid[2] for uid in seg.get_source_image_uids()] == [built.source.SOPInstanceUID]
+    assert seg.get_segment_numbers() == [1, 2, 3]
+    for number, label in enumerate(SEGMENT_LABELS, start=1):
+        description = seg.get_segment_description(number)
+        assert description.segment_label == label
+        assert description.algorithm_type == hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC
+        algorithm_id = description.algorithm_identification
+        assert algorithm_id is not None
+        family = algorithm_id[0].AlgorithmFamilyCodeSequence[0]
+        assert family.CodeValue == codes.cid7162.ArtificialIntelligence.value
+        assert DEMO.checksum in algorithm_id[0].AlgorithmParameters
+        assert len(description.RecommendedDisplayCIELabValue) == 3
+    left_lung = seg.get_segment_description(1).SegmentedPropertyTypeCodeSequence[0]
+    assert left_lung.CodeValue == codes.SCT.Lung.value
+    assert left_lung.SegmentedPropertyTypeModifierCodeSequence[0].CodeValue == codes.SCT.Left.value
+    pixels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=[built.source.SOPInstanceUID], segment_numbers=[1, 2, 3]
+    )
+    assert pixels.shape == (1, built.source.Rows, built.source.Columns, 3)
+    assert np.array_equal(np.moveaxis(pixels[0], -1, 0).astype(bool), built.masks)
+
+    # geometry: never a zero Pixel Spacing; an orientation OHIF can use; no invented positions
+    for item in _walk(ds):
+        if "PixelSpacing" in item:
+            assert all(float(v) > 0 for v in item.PixelSpacing)
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    if hd.spatial.get_image_coordinate_system(built.source) is None:
+        assert ds.PatientOrientation == built.source.get("PatientOrientation")
+        assert "PlanePositionSequence" not in shared
+        for frame in ds.PerFrameFunctionalGroupsSequence:
+            assert "PlanePositionSequence" not in frame
+        expected = common.image_orientation_of(built.source)
+        if expected is None:
+            assert "PlaneOrientationSequence" not in shared
+        else:
+            iop = shared.PlaneOrientationSequence[0].ImageOrientationPatient
+            assert [float(v) for v in iop] == pytest.approx(expected)
+    else:
+        assert ds.FrameOfReferenceUID == built.source.FrameOfReferenceUID
+        assert "PlaneOrientationSequence" in shared
+
+
+def test_seg_rg1_drops_zero_pixel_spacing() -> None:
+    source = pydicom.dcmread(_path("RG1_UNCR.dcm"), stop_before_pixels=True)
+    assert [float(v) for v in source.PixelSpacing] == [0.0, 0.0]  # the invalid input
+    masks = np.zeros((1, source.Rows, source.Columns), dtype=bool)
+    masks[0, 100:200, 300:400] = True
+    seg = build_seg(source, masks, ["Heart"], DEMO, _identity(source, "seg-ps", 950))
+    assert not any("PixelSpacing" in item for item in _walk(seg))
+    assert [float(v) for v in source.PixelSpacing] == [0.0, 0.0]  # the source is untouched
+    # RG1 "L\F": columns run to the patient's left, rows to the feet
+    iop = seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0]
+    assert [float(v) for v in iop.ImageOrientationPatient] == [1, 0, 0, 0, 0, -1]
+
+
+def test_seg_ct_with_zero_pixel_spacing_writes_no_positions() -> None:
+    source = pydicom.dcmread(_path("CT_small.dcm"))
+    source.PixelSpacing = ["0.000", "0.000"]
+    seg = build_seg(
+        source,
+        _masks(source.Rows, source.Columns),
+        SEGMENT_LABELS,
+        DEMO,
+        _identity(source, "seg-ct0", 951),
+    )
+    assert not any("PixelSpacing" in item for item in _walk(seg))
+    assert not any("PlanePositionSequence" in item for item in _walk(seg))
+
+
+@requires_dciodvfy
+def test_seg_projection_with_frame_of_reference() -> None:
+    """A DX-like source: Frame of Reference but no position. Orientation from L\\F etc."""
+    source = pydicom.dcmread(_path("RG3_UNCR.dcm"), stop_before_pixels=True)
+    source.FrameOfReferenceUID = derive_uid("frame of reference", str(source.SOPInstanceUID))
+    masks = _masks(source.Rows, source.Columns)
+    seg = build_seg(source, masks, SEGMENT_LABELS, DEMO, _identity(source, "seg-for", 954))
+    assert seg.FrameOfReferenceUID == source.FrameOfReferenceUID
+    assert seg.PatientOrientation == ["R", "F"]
+    iop = seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0]
+    assert [float(v) for v in iop.ImageOrientationPatient] == [-1, 0, 0, 0, 0, -1]
+    assert not any("PlanePositionSequence" in item for item in _walk(seg))
+    errors, _ = split_findings(run_dciodvfy(seg))
+    assert errors == []
+
+
+def test_seg_rejects_misaligned_masks() -> None:
+    source = pydicom.dcmread(_path("CT_small.dcm"), stop_before_pixels=True)
+    identity = _identity(source, "seg-bad", 952)
+    with pytest.raises(ValueError, match="source geometry"):
+        build_seg(source, np.zeros((1, 64, 64), bool), ["Heart"], DEMO, identity)
+    with pytest.raises(ValueError, match="segment labels"):
+        build_seg(source, np.zeros((2, 128, 128), bool), ["Heart"], DEMO, identity)
+    with pytest.raises(ValueError, match="boolean"):
+        build_seg(source, np.full((1, 128, 128), 2, np.uint8), ["Heart"], DEMO, identity)
+
+
+# --------------------------------------------------------------------------- SC
+
+
+def test_sc_round_trip(built: Built) -> None:
+    identity = built.identities["sc"]
+    ds = _read(built.encoded["sc"])
+    _assert_common(ds, built.source, identity)
+    assert (ds.Rows, ds.Columns) == (built.source.Rows, built.source.Columns)
+    assert ds.PhotometricInterpretation == "RGB" and ds.SamplesPerPixel == 3
+    assert ds.BitsAllocated == 8
+    assert ds.BurnedInAnnotation == "YES"
+    assert DEMO.disclaimer in ds.ImageComments and "AI OUTPUT" in ds.ImageComments
+    assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == built.source.SOPInstanceUID
+    assert ds.SourceImageSequence[0].ReferencedSOPClassUID == built.source.SOPClassUID
+    assert ds.ReferencedImageSequence[0].ReferencedSOPInstanceUID == built.source.SOPInstanceUID
+    assert ds.Laterality == (common.laterality_of(built.source) or "")
+    assert ds.PatientOrientation == (common.patient_orientation_of(built.source) or "")
+    lossy_source = built.source.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.91"
+    assert (ds.get("LossyImageCompression") == "01") == lossy_source
+
+    rgb = ds.pixel_array
+    assert rgb.shape == (built.source.Rows, built.source.Columns, 3)
+    # the banner is burned in at the top: dark background with bright (yellow) text pixels
+    band = rgb[: max(6, built.source.Rows // 30)]
+    assert np.median(band) < 40
+    if built.source.Rows >= 100:
+        assert band[..., 0].max() > 100  # anti-aliased text pixels
+    # the overlay lies on the source pixels: hot (red > blue) at the heat peak
+    r, c = built.heat_peak
+    red, _, blue = (int(v) for v in rgb[r, c])
+    assert red > blue + 40
+
+
+def test_jet_colormap_ends() -> None:
+    ends = jet(np.array([0.0, 1.0], dtype=np.float32))
+    assert ends[0, 2] > 0.4 and ends[0, 0] == 0  # cold end is blue
+    assert ends[1, 0] > 0.4 and ends[1, 2] == 0  # hot end is red
+
+
+def test_sc_rejects_misaligned_heatmap() -> None:
+    source = pydicom.dcmread(_path("CT_small.dcm"), stop_before_pixels=True)
+    identity = _identity(source, "sc-bad", 953)
+    grey = np.zeros((128, 128), np.float32)
+    with pytest.raises(ValueError, match="shape"):
+        build_heatmap_sc(source, grey, np.zeros((64, 64)), DEMO, identity)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        build_heatmap_sc(source, grey, np.full((128, 128), 3.0), DEMO, identity)
+    with pytest.raises(ValueError, match="NaN"):
+        build_heatmap_sc(source, grey, np.full((128, 128), np.nan), DEMO, identity)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@requires_dciodvfy
+@pytest.mark.parametrize("kind", ["sr", "seg", "sc"])
+def test_dciodvfy_reports_no_errors(built: Built, kind: str) -> None:
+    errors, warnings = split_findings(run_dciodvfy(built.encoded[kind]))
+    print(f"{built.source.SOPInstanceUID} {kind}: {len(warnings)} dciodvfy warnings")
+    assert errors == []
+
+
+@requires_dciodvfy
+def test_dciodvfy_helper_sees_errors() -> None:
+    """The helper does report errors: RG1 itself carries Pixel Spacing 0.000."""
+    errors, _ = split_findings(run_dciodvfy(_path("RG1_UNCR.dcm")))
+    assert any("Pixel Spacing" in line for line in errors)
+
+
+# --------------------------------------------------------------------------- determinism
+
+
+def test_same_inputs_give_identical_objects() -> None:
+    source = pydicom.dcmread(_path("RG3_UNCR.dcm"))
+    rows, cols = int(source.Rows), int(source.Columns)
+    display = np.linspace(0, 1, rows * cols, dtype=np.float32).reshape(rows, cols)
+    heat, _ = _heatmap(rows, cols)
+    masks = _masks(rows, cols)
+
+    def build_all(created: dt.datetime | None) -> list[Dataset]:
+        return [
+            build_sr([source], _findings(source), DEMO, _identity(source, "f", 1), created=created),
+            build_seg(
+                source, masks, SEGMENT_LABELS, DEMO, _identity(source, "s", 2), created=created
+            ),
+            build_heatmap_sc(
+                source, display, heat, DEMO, _identity(source, "h", 3), created=created
+            ),
+        ]
+
+    first, second = build_all(CREATED), build_all(CREATED)
+    for a, b in zip(first, second, strict=True):
+        assert _to_bytes(a) == _to_bytes(b), a.Modality
+    # without a fixed time only date-times may differ: every UID is the same
+    third = build_all(None)
+    for a, b in zip(first, third, strict=True):
+        uids_a = [e.value for item in _walk(a) for e in item if e.VR == "UI"]
+        uids_b = [e.value for item in _walk(b) for e in item if e.VR == "UI"]
+        assert uids_a == uids_b, a.Modality
+
+
+def test_identity_and_inputs_are_validated() -> None:
+    source = pydicom.dcmread(_path("CT_small.dcm"), stop_before_pixels=True)
+    good = _identity(source, "v", 7)
+    findings = _findings(source)
+    with pytest.raises(ValueError, match="valid UID"):
+        build_sr([source], findings, DEMO, dataclasses.replace(good, sop_instance_uid="1.2.x"))
+    with pytest.raises(ValueError, match="series_number"):
+        build_sr([source], findings, DEMO, dataclasses.replace(good, series_number=0))
+    with pytest.raises(ValueError, match="at least one finding"):
+        build_sr([source], [], DEMO, good)
+    with pytest.raises(ValueError, match="not among the sources"):
+        build_sr(
+            [source],
+            [dataclasses.replace(findings[0], source_sop_instance_uid="1.2.3")],
+            DEMO,
+            good,
+        )
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        build_sr([source], [dataclasses.replace(findings[0], probability=1.5)], DEMO, good)
+    with pytest.raises(ValueError, match="outside"):
+        build_sr([source], [dataclasses.replace(findings[0], point=(500, 1))], DEMO, good)
+    other_study = copy.deepcopy(source)
+    other_study.StudyInstanceUID = derive_uid("another study")
+    with pytest.raises(ValueError, match="studies"):
+        build_sr([source, other_study], findings, DEMO, good)
+
+
+def test_sr_with_two_sources_of_one_study() -> None:
+    first = pydicom.dcmread(_path("RG1_UNCR.dcm"), stop_before_pixels=True)
+    second = copy.deepcopy(first)
+    second.SOPInstanceUID = derive_uid(str(first.SOPInstanceUID), "lateral")
+    findings = [
+        Finding("Pneumothorax", 0.7, 0.5, str(first.SOPInstanceUID)),
+        Finding("Pneumothorax", 0.2, 0.5, str(second.SOPInstanceUID), point=(10, 20)),
+    ]
+    sr = build_sr([first, second], findings, DEMO, _identity(first, "two", 8), created=CREATED)
+    read = hd.sr.srread(io.BytesIO(_to_bytes(sr)))
+    groups = cast(hd.sr.MeasurementReport, read.content).get_image_measurement_groups()
+    assert [g.source_images[0].referenced_sop_instance_uid for g in groups] == [
+        str(first.SOPInstanceUID),
+        str(second.SOPInstanceUID),
+    ]
+    assert groups[0].tracking_uid != groups[1].tracking_uid
+    referenced = {
+        item.ReferencedSOPInstanceUID
+        for item in sr.CurrentRequestedProcedureEvidenceSequence[0]
+        .ReferencedSeriesSequence[0]
+        .ReferencedSOPSequence
+    }
+    assert referenced == {str(first.SOPInstanceUID), str(second.SOPInstanceUID)}
+    assert UID(sr.SOPInstanceUID).is_valid

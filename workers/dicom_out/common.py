@@ -1,0 +1,315 @@
+"""Helpers shared by the DICOM writers (SR, SEG, SC).
+
+Everything here works on *metadata*: a writer never needs the source pixels, and never mutates
+the source dataset it was given (it works on :func:`source_header`, a sanitised copy).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import hashlib
+import re
+from collections.abc import Sequence
+
+import highdicom as hd
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.valuerep import DA, DT, TM
+
+from workers.results import AlgorithmInfo, OutputIdentity
+
+# Private coding scheme for concepts that have no SNOMED CT / DCM code in pydicom's dictionary.
+# It is declared in the Coding Scheme Identification Sequence of every object that uses it.
+PRIVATE_SCHEME = "99PACSAGENT"
+PRIVATE_SCHEME_NAME = "pacs-agent private codes for AI labels without a standard code"
+
+# Attributes of the Patient and General Study modules that are Type 2: highdicom reads some of
+# them with plain attribute access, so a source that lacks one gets it empty in the header copy.
+_TYPE2_PATIENT_STUDY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "StudyID",
+    "ReferringPhysicianName",
+)
+
+# Patient Orientation letters (PS3.3 C.7.6.1.1.1) as LPS direction cosines.
+_ORIENTATION_VECTORS: dict[str, tuple[float, float, float]] = {
+    "L": (1.0, 0.0, 0.0),
+    "R": (-1.0, 0.0, 0.0),
+    "P": (0.0, 1.0, 0.0),
+    "A": (0.0, -1.0, 0.0),
+    "H": (0.0, 0.0, 1.0),
+    "F": (0.0, 0.0, -1.0),
+}
+
+_UID_PATTERN = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+")
+
+_PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def check_identity(identity: OutputIdentity) -> None:
+    """Raise ValueError unless ``identity`` describes a valid output instance."""
+    for name in ("series_instance_uid", "sop_instance_uid"):
+        value = getattr(identity, name)
+        if not isinstance(value, str) or not _UID_PATTERN.fullmatch(value) or len(value) > 64:
+            raise ValueError(f"OutputIdentity.{name} is not a valid UID: {value!r}")
+    if identity.series_instance_uid == identity.sop_instance_uid:
+        raise ValueError("OutputIdentity series and SOP Instance UIDs must differ")
+    for name in ("series_number", "instance_number"):
+        value = getattr(identity, name)
+        if not isinstance(value, int) or not 1 <= value <= 2**31 - 1:
+            raise ValueError(f"OutputIdentity.{name} must be a positive integer: {value!r}")
+    if not identity.series_description or len(identity.series_description) > 64:
+        raise ValueError("OutputIdentity.series_description must have 1 to 64 characters")
+
+
+def check_algorithm(algorithm: AlgorithmInfo) -> None:
+    """Raise ValueError unless ``algorithm`` carries what the writers need."""
+    for name in ("name", "version", "checksum", "manufacturer", "software_version"):
+        if not getattr(algorithm, name):
+            raise ValueError(f"AlgorithmInfo.{name} is empty")
+
+
+def check_single_frame(source: Dataset) -> None:
+    if int(source.get("NumberOfFrames", 1) or 1) != 1:
+        raise ValueError(
+            f"source {source.SOPInstanceUID} is multi-frame; the writers handle single-frame "
+            "projection images only"
+        )
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+        if not source.get(keyword):
+            raise ValueError(f"source has no {keyword}")
+    if not source.get("Rows") or not source.get("Columns"):
+        raise ValueError(f"source {source.SOPInstanceUID} has no Rows/Columns")
+
+
+def check_same_study(sources: Sequence[Dataset]) -> None:
+    if not sources:
+        raise ValueError("at least one source image is required")
+    studies = {str(s.StudyInstanceUID) for s in sources}
+    if len(studies) != 1:
+        raise ValueError(f"sources belong to {len(studies)} studies; an output covers one study")
+
+
+# --------------------------------------------------------------------------- value helpers
+
+
+def lo(text: str) -> str:
+    """Fit ``text`` into a LO (64 characters, no backslash)."""
+    return text.replace("\\", "/")[:64]
+
+
+def disclaimer_label(algorithm: AlgorithmInfo) -> str:
+    """A Code String (CS, 16 chars, A-Z 0-9 space _) for Content Label."""
+    return "AI_DEMO" if algorithm.is_demo else "AI_OUTPUT"
+
+
+def algorithm_parameters(algorithm: AlgorithmInfo) -> dict[str, str]:
+    """Parameters recorded in every Algorithm Identification (bundle checksum, disclaimer)."""
+    return {
+        "bundle_sha256": algorithm.checksum,
+        "random_weights": "yes" if algorithm.is_demo else "no",
+        "disclaimer": algorithm.disclaimer,
+    }
+
+
+def algorithm_identification_sequence(
+    algorithm: AlgorithmInfo,
+) -> hd.AlgorithmIdentificationSequence:
+    """Algorithm Identification Sequence for SEG segments (and any image IOD)."""
+    return hd.AlgorithmIdentificationSequence(
+        name=lo(algorithm.name),
+        family=codes.cid7162.ArtificialIntelligence,
+        version=lo(algorithm.version),
+        source=lo(algorithm.manufacturer),
+        parameters=algorithm_parameters(algorithm),
+    )
+
+
+def private_code(label: str) -> Code:
+    """A code in :data:`PRIVATE_SCHEME` for ``label``: stable, at most 16 characters."""
+    slug = re.sub(r"[^A-Z0-9]+", "-", label.upper()).strip("-") or "UNNAMED"
+    if len(slug) > 16:
+        slug = slug[:9].rstrip("-") + "-" + hashlib.sha256(label.encode()).hexdigest()[:6].upper()
+    return Code(value=slug, scheme_designator=PRIVATE_SCHEME, meaning=lo(label))
+
+
+def private_scheme_items() -> list[CodingSchemeIdentificationItem]:
+    return [
+        CodingSchemeIdentificationItem(
+            designator=PRIVATE_SCHEME,
+            name=PRIVATE_SCHEME_NAME,
+            responsible_organization="pacs-agent",
+        )
+    ]
+
+
+def normalise_label(label: str) -> str:
+    return re.sub(r"[\s_\-]+", " ", label.strip().lower())
+
+
+# --------------------------------------------------------------------------- source geometry
+
+
+def valid_pixel_spacing(source: Dataset) -> tuple[float, float] | None:
+    """The source's Pixel Spacing if it is present and physically meaningful (> 0)."""
+    value = source.get("PixelSpacing")
+    if value is None:
+        return None
+    try:
+        row, col = (float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    if not (row > 0.0 and col > 0.0) or row != row or col != col:
+        return None
+    return row, col
+
+
+def patient_orientation_of(source: Dataset) -> list[str] | None:
+    """Patient Orientation (row, column directions) of a single-frame source.
+
+    Taken from Patient Orientation when it has two valid values, else derived from Image
+    Orientation (Patient) (letters of the significant components, largest first, as PS3.3
+    C.7.6.1.1.1 describes). None when neither is known.
+    """
+    po = source.get("PatientOrientation")
+    if po is not None and not isinstance(po, str) and len(po) == 2:
+        values = [str(v).strip().upper() for v in po]
+        if all(v and set(v) <= set(_ORIENTATION_VECTORS) for v in values):
+            return values
+    iop = source.get("ImageOrientationPatient")
+    if iop is not None and len(iop) == 6:
+        vectors = [[float(v) for v in iop[:3]], [float(v) for v in iop[3:]]]
+        return [_letters(v) for v in vectors]
+    return None
+
+
+def _letters(vector: Sequence[float]) -> str:
+    axes = (("L", "R"), ("P", "A"), ("H", "F"))
+    order = sorted(range(3), key=lambda i: -abs(vector[i]))
+    out = ""
+    for i in order:
+        if abs(vector[i]) > 1e-4:
+            out += axes[i][0] if vector[i] > 0 else axes[i][1]
+    return out
+
+
+def image_orientation_of(source: Dataset) -> list[float] | None:
+    """Image Orientation (Patient) of a single-frame source, without inventing any.
+
+    Image Orientation (Patient) when present; otherwise derived from a Patient Orientation
+    whose two values are single, orthogonal axis letters (e.g. RG1's ``L\\F`` gives
+    ``1\\0\\0\\0\\0\\-1``). Oblique or unknown orientations give None.
+    """
+    iop = source.get("ImageOrientationPatient")
+    if iop is not None and len(iop) == 6:
+        return [float(v) for v in iop]
+    po = source.get("PatientOrientation")
+    if po is None or isinstance(po, str) or len(po) != 2:
+        return None
+    letters = [str(v).strip().upper() for v in po]
+    if not all(len(v) == 1 and v in _ORIENTATION_VECTORS for v in letters):
+        return None
+    row, col = (_ORIENTATION_VECTORS[v] for v in letters)
+    if sum(a * b for a, b in zip(row, col, strict=True)) != 0.0:
+        return None
+    return [*row, *col]
+
+
+def laterality_of(source: Dataset) -> str | None:
+    """Series-level Laterality (R or L only) from the source's Laterality / Image Laterality."""
+    for keyword in ("Laterality", "ImageLaterality"):
+        value = str(source.get(keyword, "") or "").strip().upper()
+        if value in ("R", "L"):
+            return value
+    return None
+
+
+def source_header(source: Dataset) -> Dataset:
+    """A metadata-only copy of ``source`` that highdicom can be given safely.
+
+    - no pixel data (writers never need it; a compressed source is not decoded);
+    - an invalid Pixel Spacing (zero, negative, malformed; RG1 has ``0.000\\0.000``) is removed,
+      so no output inherits it (highdicom copies it into the SEG's Pixel Measures otherwise);
+    - missing Type 2 Patient/Study attributes are added empty.
+    """
+    header = Dataset()
+    for element in source:
+        if element.keyword in _PIXEL_DATA_KEYWORDS:
+            continue
+        header.add(copy.deepcopy(element))
+    if getattr(source, "file_meta", None) is not None:
+        header.file_meta = copy.deepcopy(source.file_meta)
+    if "PixelSpacing" in header and valid_pixel_spacing(header) is None:
+        del header.PixelSpacing
+    for keyword in _TYPE2_PATIENT_STUDY:
+        if keyword not in header:
+            setattr(header, keyword, None)
+    return header
+
+
+# --------------------------------------------------------------------------- output stamping
+
+
+def contributing_equipment(algorithm: AlgorithmInfo, when: dt.datetime) -> hd.ContributingEquipment:
+    """Contributing Equipment item that names the AI bundle as processing equipment."""
+    return hd.ContributingEquipment(
+        manufacturer=lo(algorithm.manufacturer),
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=lo(algorithm.name),
+        software_versions=lo(algorithm.software_version),
+        contribution_datetime=DT(when),
+        contribution_description=(
+            f"{algorithm.name} {algorithm.version} (bundle sha256 {algorithm.checksum}): "
+            f"{algorithm.disclaimer}"
+        )[:1024],
+    )
+
+
+def stamp_datetimes(ds: Dataset, when: dt.datetime) -> None:
+    """Set every creation date/time highdicom filled with ``now()`` to ``when``.
+
+    With a fixed ``when`` the same inputs give byte-identical objects.
+    """
+    date, time = DA(when.date()), TM(when.time())
+    for date_kw, time_kw in (
+        ("InstanceCreationDate", "InstanceCreationTime"),
+        ("ContentDate", "ContentTime"),
+        ("SeriesDate", "SeriesTime"),
+        ("DateOfSecondaryCapture", "TimeOfSecondaryCapture"),
+    ):
+        if date_kw in ds or time_kw in ds:
+            setattr(ds, date_kw, date)
+            setattr(ds, time_kw, time)
+    # highdicom adds itself as processing equipment, contributing "now"; the source's
+    # acquisition equipment keeps its own date-time.
+    processing = codes.DCM.ProcessingEquipment.value
+    for item in ds.get("ContributingEquipmentSequence", []):
+        purposes = item.get("PurposeOfReferenceCodeSequence", [])
+        if "ContributionDateTime" in item and any(p.CodeValue == processing for p in purposes):
+            item.ContributionDateTime = DT(when)
+
+
+def replace_uid_values(ds: Dataset, old: str, new: str) -> None:
+    """Replace every UI element whose value is ``old`` (recursively) by ``new``."""
+
+    def _walk(item: Dataset) -> None:
+        for element in item:
+            if element.VR == "SQ":
+                for child in element.value:
+                    _walk(child)
+            elif element.VR == "UI" and element.value == old:
+                element.value = new
+
+    _walk(ds)

@@ -1,0 +1,227 @@
+"""Heatmap Secondary Capture writer: the source image in grey with a colour overlay.
+
+The image is RGB, 8 bit, with the source's rows and columns, so it lies pixel for pixel on the
+source. Burned in: a banner "AI OUTPUT - <disclaimer>" across the top and a small colour legend
+(bottom right); Burned In Annotation is YES. The source is referenced from Source Image Sequence
+(purpose "Source image for image processing operation") and Referenced Image Sequence.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+import highdicom as hd
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import UID, ExplicitVRLittleEndian
+
+from workers.dicom_out import common
+from workers.results import AlgorithmInfo, OutputIdentity
+
+logger = logging.getLogger(__name__)
+
+# Heat below this is fully transparent; the overlay's opacity grows linearly above it.
+ALPHA_FLOOR = 0.2
+ALPHA_MAX = 0.6
+
+
+def jet(values: np.ndarray) -> np.ndarray:
+    """Jet-like colormap: (...,) floats in [0, 1] -> (..., 3) floats in [0, 1]."""
+    x = np.clip(values, 0.0, 1.0)[..., np.newaxis]
+    centres = np.array([0.75, 0.5, 0.25], dtype=np.float32)  # r, g, b
+    return np.clip(1.5 - np.abs(4.0 * (x - centres)), 0.0, 1.0).astype(np.float32)
+
+
+def heat_alpha(heat: np.ndarray) -> np.ndarray:
+    """Overlay opacity from heat: 0 below ``ALPHA_FLOOR``, rising to ``ALPHA_MAX`` at 1."""
+    return (np.clip((heat - ALPHA_FLOOR) / (1.0 - ALPHA_FLOOR), 0.0, 1.0) * ALPHA_MAX).astype(
+        np.float32
+    )
+
+
+def compose_overlay(display: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
+    """Grey ``display`` blended with the coloured ``heatmap`` -> (rows, cols, 3) uint8."""
+    grey = np.clip(display, 0.0, 1.0).astype(np.float32)[..., np.newaxis]
+    alpha = heat_alpha(heatmap.astype(np.float32))[..., np.newaxis]
+    rgb = grey * (1.0 - alpha) + jet(heatmap.astype(np.float32)) * alpha
+    return np.round(rgb * 255.0).astype(np.uint8)
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (ImportError, OSError, TypeError):  # Pillow without FreeType: fixed bitmap font
+        return ImageFont.load_default()
+
+
+def burn_annotations(rgb: np.ndarray, banner: str) -> np.ndarray:
+    """Burn a top banner with ``banner`` and a colour legend into ``rgb`` (a new array)."""
+    rows, cols = rgb.shape[:2]
+    image = Image.fromarray(rgb, mode="RGB")
+    draw = ImageDraw.Draw(image)
+    short = min(rows, cols)
+
+    # Banner: about 1/40 of the short side (46 px on RG1), shrunk or wrapped to fit the width.
+    size = max(6, round(short / 40))
+    margin = max(2, size // 3)
+    lines = [banner]
+    while True:
+        font = _font(size)
+        widths = [draw.textlength(line, font=font) for line in lines]
+        if max(widths) <= cols - 2 * margin:
+            break
+        if len(lines) == 1 and " - " in banner:
+            head, tail = banner.split(" - ", 1)
+            lines = [head, tail]
+            continue
+        if size <= 6:
+            break  # tiny image: the banner is cropped, the header still says it all
+        size -= 1
+    line_height = round(size * 1.25)
+    banner_height = min(rows, line_height * len(lines) + 2 * margin)
+    draw.rectangle([0, 0, cols - 1, banner_height - 1], fill=(0, 0, 0))
+    for i, line in enumerate(lines):
+        draw.text((margin, margin + i * line_height), line, fill=(255, 255, 0), font=font)
+
+    # Legend: a vertical colour bar, hot at the top, bottom right, with "1" and "0" labels.
+    bar_h = rows // 4
+    bar_w = max(3, cols // 50)
+    label_font = _font(max(6, round(size * 0.8)))
+    label_w = int(draw.textlength("1.0", font=label_font)) + margin
+    x1 = cols - margin - label_w
+    x0 = x1 - bar_w
+    y1 = rows - margin
+    y0 = y1 - bar_h
+    if bar_h >= 8 and x0 > 0 and y0 > banner_height:
+        ramp = np.linspace(1.0, 0.0, bar_h, dtype=np.float32)
+        bar = np.round(jet(ramp) * 255).astype(np.uint8)
+        bar = np.repeat(bar[:, np.newaxis, :], bar_w, axis=1)
+        image.paste(Image.fromarray(bar, mode="RGB"), (x0, y0))
+        draw.rectangle([x0 - 1, y0 - 1, x0 + bar_w, y1], outline=(255, 255, 255))
+        draw.text((x1 + margin // 2, y0), "1.0", fill=(255, 255, 255), font=label_font)
+        draw.text(
+            (x1 + margin // 2, y1 - round(size * 0.8)), "0.0", fill=(255, 255, 255), font=label_font
+        )
+    return np.asarray(image, dtype=np.uint8).copy()
+
+
+def _check_plane(name: str, array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    array = np.asarray(array)
+    if array.shape != shape:
+        raise ValueError(f"{name} has shape {array.shape}; the source is {shape} (rows, columns)")
+    if not np.issubdtype(array.dtype, np.number) and array.dtype != np.bool_:
+        raise ValueError(f"{name} must be numeric")
+    array = array.astype(np.float32)
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    if array.min() < -1e-3 or array.max() > 1.0 + 1e-3:
+        raise ValueError(f"{name} must lie in [0, 1], got [{array.min()}, {array.max()}]")
+    return np.clip(array, 0.0, 1.0)
+
+
+def _source_reference(source: Dataset, purpose: bool) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = source.SOPClassUID
+    item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    if purpose:
+        item.PurposeOfReferenceCodeSequence = [
+            hd.sr.CodedConcept.from_code(codes.DCM.SourceImageForImageProcessingOperation)
+        ]
+    return item
+
+
+def _source_was_lossy(source: Dataset) -> bool:
+    if str(source.get("LossyImageCompression", "")) == "01":
+        return True
+    meta = getattr(source, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is None:
+        return False
+    return UID(syntax) in _LOSSY_SYNTAXES
+
+
+_LOSSY_SYNTAXES = {
+    UID("1.2.840.10008.1.2.4.50"),  # JPEG Baseline
+    UID("1.2.840.10008.1.2.4.51"),  # JPEG Extended
+    UID("1.2.840.10008.1.2.4.81"),  # JPEG-LS near-lossless
+    UID("1.2.840.10008.1.2.4.91"),  # JPEG 2000
+    UID("1.2.840.10008.1.2.4.203"),  # HTJ2K
+}
+
+
+def build_heatmap_sc(
+    source: Dataset,
+    display: np.ndarray,
+    heatmap: np.ndarray,
+    algorithm: AlgorithmInfo,
+    identity: OutputIdentity,
+    *,
+    created: dt.datetime | None = None,
+) -> Dataset:
+    """Build an RGB Secondary Capture: ``display`` in grey, ``heatmap`` as a colour overlay.
+
+    ``display`` and ``heatmap`` are (rows, columns) arrays in [0, 1] in source geometry;
+    ``display`` is in MONOCHROME2 sense (bright = dense). ``created`` fixes the
+    creation/content date-times (default: now).
+    """
+    common.check_identity(identity)
+    common.check_algorithm(algorithm)
+    common.check_single_frame(source)
+    shape = (int(source.Rows), int(source.Columns))
+    display = _check_plane("display", display, shape)
+    heatmap = _check_plane("heatmap", heatmap, shape)
+
+    when = created or dt.datetime.now()
+    header = common.source_header(source)
+    banner = f"AI OUTPUT - {algorithm.disclaimer}"
+    rgb = burn_annotations(compose_overlay(display, heatmap), banner)
+
+    orientation = common.patient_orientation_of(header)
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=header,
+        pixel_array=rgb,
+        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+        bits_allocated=8,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        series_instance_uid=identity.series_instance_uid,
+        series_number=identity.series_number,
+        sop_instance_uid=identity.sop_instance_uid,
+        instance_number=identity.instance_number,
+        manufacturer=common.lo(algorithm.manufacturer),
+        # highdicom's enum takes single letters only; the real value is set just below.
+        patient_orientation=("L", "F"),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        contributing_equipment=[common.contributing_equipment(algorithm, when)],
+        manufacturer_model_name=common.lo(algorithm.name),
+        software_versions=common.lo(algorithm.software_version),
+        series_description=identity.series_description,
+        content_date=when.date(),
+        content_time=when.time(),
+    )
+    # Patient Orientation is Type 2: the source's (or empty when unknown), never invented.
+    sc.PatientOrientation = orientation if orientation is not None else []
+    # Laterality (General Series, Type 2C): dciodvfy requires it in an SC whose source gives
+    # none, so it is written empty then (Type 2), else the source's R or L.
+    sc.Laterality = common.laterality_of(header) or ""
+    sc.BurnedInAnnotation = "YES"
+    sc.ImageComments = f"{banner}. Heatmap overlay of {algorithm.name} {algorithm.version}."
+    sc.DerivationDescription = (
+        f"Source image with AI heatmap overlay (jet colormap, opacity by heat), "
+        f"{algorithm.name} {algorithm.version}, bundle sha256 {algorithm.checksum}. "
+        f"{algorithm.disclaimer}"
+    )[:1024]
+    sc.SourceImageSequence = [_source_reference(header, purpose=True)]
+    sc.ReferencedImageSequence = [_source_reference(header, purpose=False)]
+    if _source_was_lossy(source):
+        sc.LossyImageCompression = "01"
+        for keyword in ("LossyImageCompressionRatio", "LossyImageCompressionMethod"):
+            if keyword in source:
+                setattr(sc, keyword, source[keyword].value)
+    common.stamp_datetimes(sc, when)
+    logger.info(
+        "built heatmap SC %s for source %s", identity.sop_instance_uid, source.SOPInstanceUID
+    )
+    return sc

@@ -1,0 +1,251 @@
+"""Comprehensive 3D SR writer: TID 1500 Measurement Report with one group per finding.
+
+Each finding becomes a TID 1501 Measurement Group holding:
+
+- Tracking Identifier and Tracking UID (derived from the output SOP Instance UID, so a retried
+  job gives the same UIDs);
+- Finding (the label's code) and a qualitative evaluation ``<finding> = Present | Absent``;
+- TID 300 Measurement ``Probability`` (UCUM ``1``), with an INFERRED FROM SCOORD POINT on the
+  source image when the finding has a point (OHIF shows SCOORDs of numeric measurements);
+- the source image (Source of Measurement) and TID 4019 Algorithm Identification (family
+  Artificial Intelligence, name + disclaimer, version, parameters: bundle checksum, threshold).
+
+The disclaimer (``AlgorithmInfo.disclaimer``) also appears in the Device Observer Name, the
+Algorithm Name, the Contributing Equipment description, and (by the caller) the Series
+Description.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import numbers
+from collections.abc import Sequence
+
+import highdicom as hd
+import numpy as np
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from pacs_agent.uids import derive_uid
+from workers.dicom_out import common
+from workers.results import AlgorithmInfo, Finding, OutputIdentity
+
+logger = logging.getLogger(__name__)
+
+# Finding label (normalised: lower case, single spaces) -> code. Labels not listed are coded in
+# the private scheme ``common.PRIVATE_SCHEME`` (value: upper-case slug of the label, see
+# ``common.private_code``), e.g. "Consolidation" -> (CONSOLIDATION, 99PACSAGENT, "Consolidation"),
+# "Atelectasis" -> (ATELECTASIS, 99PACSAGENT, "Atelectasis"), since pydicom's dictionary has no
+# SNOMED CT concept for them.
+FINDING_CODES: dict[str, Code] = {
+    "cardiomegaly": codes.SCT.Cardiomegaly,
+    "pleural effusion": codes.SCT.PleuralEffusion,
+    "effusion": codes.SCT.PleuralEffusion,  # chest X-ray label sets mean pleural effusion
+    "pneumothorax": codes.SCT.Pneumothorax,
+    "nodule": codes.SCT.Nodule,
+    "mass": codes.SCT.Mass,
+    "lesion": codes.SCT.Lesion,
+    "edema": codes.SCT.PulmonaryEdema,  # chest X-ray label sets mean pulmonary edema
+    "pulmonary edema": codes.SCT.PulmonaryEdema,
+    "fibrosis": codes.SCT.Fibrosis,
+    "infiltrate": codes.DCM.Infiltrate,
+    "infiltration": codes.DCM.Infiltrate,
+    "opacity": codes.DCM.Opacity,
+    "lung opacity": codes.DCM.Opacity,
+}
+
+# Modality of the source -> Procedure Reported (CID 100). Projection X-ray by default.
+PROCEDURE_CODES: dict[str, Code] = {
+    "CR": codes.cid100.XRUnspecifiedBodyRegion,
+    "DX": codes.cid100.XRUnspecifiedBodyRegion,
+    "RG": codes.cid100.XRUnspecifiedBodyRegion,
+    "XA": codes.cid100.XRUnspecifiedBodyRegion,
+    "RF": codes.cid100.XRUnspecifiedBodyRegion,
+    "CT": codes.cid100.CTUnspecifiedBodyRegion,
+    "MR": codes.cid100.MRIUnspecifiedBodyRegion,
+    "NM": codes.cid100.NMUnspecifiedBodyRegion,
+    "PT": codes.cid100.PETUnspecifiedBodyRegion,
+}
+
+
+def finding_code(label: str) -> Code:
+    """The code of a finding label (standard where pydicom has one, else private)."""
+    return FINDING_CODES.get(common.normalise_label(label)) or common.private_code(label)
+
+
+def procedure_codes(sources: Sequence[Dataset]) -> list[Code]:
+    """Procedure Reported: one CID 100 code per distinct source modality."""
+    out: list[Code] = []
+    for source in sources:
+        code = PROCEDURE_CODES.get(str(source.get("Modality", "")), codes.cid100.ImagingProcedure)
+        if code not in out:
+            out.append(code)
+    return out
+
+
+def build_sr(
+    sources: Sequence[Dataset],
+    findings: Sequence[Finding],
+    algorithm: AlgorithmInfo,
+    identity: OutputIdentity,
+    *,
+    created: dt.datetime | None = None,
+) -> Dataset:
+    """Build a Comprehensive 3D SR (TID 1500) with one measurement group per finding.
+
+    ``sources`` are the images the findings refer to (one study); every
+    ``finding.source_sop_instance_uid`` must be one of them. ``finding.point`` is read as the
+    0-based (column, row) array index of a source pixel and written as that pixel's centre,
+    (column + 0.5, row + 0.5), in SCOORD image coordinates (PS3.3 C.18.6.1.1). ``created`` fixes
+    the creation/content date-times (default: now).
+    """
+    common.check_identity(identity)
+    common.check_algorithm(algorithm)
+    common.check_same_study(sources)
+    if not findings:
+        raise ValueError("a TID 1500 report needs at least one finding")
+    headers = [common.source_header(s) for s in sources]
+    by_uid: dict[str, Dataset] = {}
+    for header in headers:
+        common.check_single_frame(header)
+        by_uid[str(header.SOPInstanceUID)] = header
+    for finding in findings:
+        _check_finding(finding, by_uid)
+
+    when = created or dt.datetime.now()
+    labelled_name = f"{algorithm.name} [{algorithm.disclaimer}]"
+
+    groups = []
+    uses_private = False
+    for index, finding in enumerate(findings, start=1):
+        source = by_uid[finding.source_sop_instance_uid]
+        code = finding_code(finding.label)
+        uses_private |= code.scheme_designator == common.PRIVATE_SCHEME
+        algorithm_id = hd.sr.AlgorithmIdentification(
+            name=labelled_name,
+            version=algorithm.version,
+            parameters=[
+                f"{key}={value}" for key, value in common.algorithm_parameters(algorithm).items()
+            ]
+            + [f"threshold={finding.threshold:.6g}"],
+            family=codes.cid7162.ArtificialIntelligence,
+            manufacturer=algorithm.manufacturer,
+        )
+        coordinates = None
+        if finding.point is not None:
+            column, row = finding.point
+            coordinates = [
+                hd.sr.CoordinatesForMeasurement(
+                    graphic_type=hd.sr.GraphicTypeValues.POINT,
+                    # array indices -> centre of that pixel in SCOORD image coordinates
+                    graphic_data=np.array([[column + 0.5, row + 0.5]], dtype=float),
+                    source_image=hd.sr.SourceImageForRegion.from_source_image(source),
+                )
+            ]
+        probability = hd.sr.Measurement(
+            name=codes.DCM.Probability,
+            value=float(finding.probability),
+            unit=codes.UCUM.NoUnits,
+            referenced_coordinates=coordinates,
+        )
+        groups.append(
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=derive_uid(
+                        identity.sop_instance_uid,
+                        "finding",
+                        str(index),
+                        finding.label,
+                        finding.source_sop_instance_uid,
+                    ),
+                    identifier=f"{finding.label} #{index}",
+                ),
+                finding_type=code,
+                algorithm_id=algorithm_id,
+                measurements=[probability],
+                qualitative_evaluations=[
+                    hd.sr.QualitativeEvaluation(
+                        name=code,
+                        value=codes.SCT.Present if finding.present else codes.SCT.Absent,
+                    )
+                ],
+                source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
+            )
+        )
+
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=derive_uid(
+                "device-observer",
+                algorithm.manufacturer,
+                algorithm.name,
+                algorithm.version,
+                algorithm.checksum,
+            ),
+            name=labelled_name,
+            manufacturer_name=algorithm.manufacturer,
+            model_name=algorithm.name,
+        ),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=procedure_codes(headers),
+        imaging_measurements=groups,
+        title=codes.cid7021.ImagingMeasurementReport,
+    )
+
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=headers,
+        content=report[0],
+        series_instance_uid=identity.series_instance_uid,
+        series_number=identity.series_number,
+        sop_instance_uid=identity.sop_instance_uid,
+        instance_number=identity.instance_number,
+        manufacturer=common.lo(algorithm.manufacturer),
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        contributing_equipment=[common.contributing_equipment(algorithm, when)],
+        manufacturer_model_name=common.lo(algorithm.name),
+        software_versions=common.lo(algorithm.software_version),
+        series_description=identity.series_description,
+        content_date=when.date(),
+        content_time=when.time(),
+        coding_schemes=common.private_scheme_items() if uses_private else None,
+    )
+    common.stamp_datetimes(sr, when)
+    logger.info(
+        "built SR %s (%d findings) for %d source(s)",
+        identity.sop_instance_uid,
+        len(findings),
+        len(headers),
+    )
+    return sr
+
+
+def _check_finding(finding: Finding, by_uid: dict[str, Dataset]) -> None:
+    if not finding.label.strip():
+        raise ValueError("finding label is empty")
+    for name in ("probability", "threshold"):
+        value = getattr(finding, name)
+        if not isinstance(value, numbers.Real) or not (
+            math.isfinite(float(value)) and 0.0 <= float(value) <= 1.0
+        ):
+            raise ValueError(f"finding {finding.label!r}: {name} must be in [0, 1], got {value!r}")
+    source = by_uid.get(finding.source_sop_instance_uid)
+    if source is None:
+        raise ValueError(
+            f"finding {finding.label!r} refers to {finding.source_sop_instance_uid}, "
+            "which is not among the sources"
+        )
+    if finding.point is not None:
+        column, row = finding.point
+        if not (0 <= column < int(source.Columns) and 0 <= row < int(source.Rows)):
+            raise ValueError(
+                f"finding {finding.label!r}: point {finding.point} lies outside the "
+                f"{source.Columns}x{source.Rows} source image"
+            )
