@@ -1,0 +1,382 @@
+"""Decode a DICOM radiograph to a display-ready float image, and map model geometry back to it.
+
+Three steps, each a plain function:
+
+- `decode(ds)`: stored pixels -> float32 [rows, columns] in 0..1 with bright = dense (the
+  MONOCHROME2 sense), after the Modality LUT, the VOI window (from the header, else a robust
+  percentile window) and MONOCHROME1 inversion.
+- `letterbox(image, size)`: the whole image scaled into a `size` x `size` square, the shorter side
+  padded symmetrically; the returned `Transform` maps any map over that square (model input pixels
+  or the patch-token grid) back onto exact source pixels.
+- `normalize(image, preprocessing)`: grey to 3 channels, mean/std normalisation -> tensor.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_color_lut, apply_modality_lut
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ImageError",
+    "Preprocessing",
+    "Transform",
+    "decode",
+    "letterbox",
+    "normalize",
+]
+
+# Robust window used when the header carries no usable VOI window.
+PERCENTILE_LOW = 0.5
+PERCENTILE_HIGH = 99.5
+# Smallest image side that is worth analysing.
+MIN_SIDE = 16
+_COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420")
+# Pixels sampled at most for the percentile window (speed on 4k x 4k detectors).
+_PERCENTILE_SAMPLE = 1 << 20
+
+
+class ImageError(ValueError):
+    """The dataset holds no image this product can analyse; the message says why."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Model input parameters: square input side in pixels, per-channel mean and std for pixel
+    values scaled to 0..1."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ValueError(f"preprocessing size must be positive, got {self.size}")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError("preprocessing mean and std need 3 values (one per channel)")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"preprocessing std must be positive, got {self.std}")
+
+    def to_dict(self) -> dict[str, object]:
+        return {"size": self.size, "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> Preprocessing:
+        try:
+            size = int(data["size"])  # type: ignore[call-overload]
+            mean = _three(data["mean"])
+            std = _three(data["std"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"invalid preprocessing {data!r}: {exc}") from exc
+        return cls(size=size, mean=mean, std=std)
+
+
+def _three(values: object) -> tuple[float, float, float]:
+    if isinstance(values, int | float):
+        v = float(values)
+        return (v, v, v)
+    seq = [float(v) for v in values]  # type: ignore[attr-defined]
+    if len(seq) == 1:
+        seq = seq * 3
+    if len(seq) != 3:
+        raise ValueError(f"expected 1 or 3 values, got {len(seq)}")
+    return (seq[0], seq[1], seq[2])
+
+
+# --------------------------------------------------------------------------------------------
+# decode
+
+
+def decode(ds: Dataset) -> np.ndarray:
+    """Stored pixel data -> float32 [rows, columns], 0..1, bright = dense.
+
+    Multi-frame images give their first frame; colour images their luminance. Raises
+    `ImageError` for anything that cannot be analysed (no pixels, undecodable, too small, flat).
+    """
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise ImageError("no pixel data")
+    rows = int(ds.get("Rows", 0) or 0)
+    cols = int(ds.get("Columns", 0) or 0)
+    if rows < MIN_SIDE or cols < MIN_SIDE:
+        raise ImageError(f"image too small to analyse: {rows} x {cols}")
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    if not photometric:
+        raise ImageError("no Photometric Interpretation")
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # pydicom/pylibjpeg raise many kinds for bad or unknown encodings
+        tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
+        raise ImageError(
+            f"cannot decode pixel data (transfer syntax {tsyntax}): {type(exc).__name__}: {exc}"
+        ) from exc
+
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if photometric in ("MONOCHROME1", "MONOCHROME2"):
+        if n_frames > 1 and arr.ndim == 3:
+            arr = arr[0]
+        if arr.ndim != 2:
+            raise ImageError(f"unexpected pixel array shape {arr.shape} for {photometric}")
+        out = _decode_monochrome(ds, arr, invert=photometric == "MONOCHROME1")
+    elif photometric == "PALETTE COLOR":
+        if n_frames > 1 and arr.ndim == 3:
+            arr = arr[0]
+        try:
+            rgb = apply_color_lut(arr, ds)
+        except Exception as exc:
+            raise ImageError(f"cannot apply the palette colour LUT: {exc}") from exc
+        out = _luminance(rgb, bits=_lut_bits(rgb))
+    elif photometric in _COLOUR:
+        # pydicom converts YBR to RGB by default when decoding.
+        if n_frames > 1 and arr.ndim == 4:
+            arr = arr[0]
+        if arr.ndim != 3 or arr.shape[-1] != 3:
+            raise ImageError(f"unexpected pixel array shape {arr.shape} for {photometric}")
+        out = _luminance(arr, bits=int(ds.get("BitsStored", 8) or 8))
+    else:
+        raise ImageError(f"unsupported Photometric Interpretation {photometric}")
+
+    if out.shape != (rows, cols):
+        raise ImageError(f"decoded shape {out.shape} does not match Rows x Columns {rows} x {cols}")
+    if not np.isfinite(out).all():
+        raise ImageError("decoded image has non-finite values")
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def _decode_monochrome(ds: Dataset, stored: np.ndarray, invert: bool) -> np.ndarray:
+    padding = _padding_mask(ds, stored)
+    try:
+        values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+    except Exception as exc:
+        raise ImageError(f"cannot apply the Modality LUT: {exc}") from exc
+
+    windowed = _header_window(ds, values)
+    if windowed is None:
+        windowed = _percentile_window(values, padding)
+    if invert:
+        windowed = 1.0 - windowed
+    if padding is not None:
+        windowed[padding] = 0.0  # padding shows as background (dark), whatever the photometric
+    return windowed
+
+
+def _padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
+    value = ds.get("PixelPaddingValue")
+    if value is None or isinstance(value, bytes):
+        return None
+    try:
+        pad = int(value)
+    except (TypeError, ValueError):
+        return None
+    upper = ds.get("PixelPaddingRangeLimit")
+    if upper is not None and not isinstance(upper, bytes):
+        lo, hi = sorted((pad, int(upper)))
+        mask = (stored >= lo) & (stored <= hi)
+    else:
+        mask = stored == pad
+    if not mask.any():
+        return None
+    if mask.all():
+        raise ImageError("image holds only padding")
+    return np.asarray(mask)
+
+
+def _first(value: object) -> float | None:
+    """First value of a possibly multi-valued DS element as a finite float, else None."""
+    if value is None:
+        return None
+    if not isinstance(value, str | bytes) and hasattr(value, "__len__"):
+        if len(value) == 0:  # type: ignore[arg-type]
+            return None
+        value = value[0]  # type: ignore[index]
+    try:
+        v = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _header_window(ds: Dataset, values: np.ndarray) -> np.ndarray | None:
+    """Apply the first VOI window of the header (PS3.3 C.11.2.1.2); None when there is no
+    usable one, or when it would leave almost nothing visible."""
+    center = _first(ds.get("WindowCenter"))
+    width = _first(ds.get("WindowWidth"))
+    if center is None or width is None:
+        return None
+    function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
+    if function == "SIGMOID":
+        if width <= 0:
+            return None
+        out = 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
+    elif function == "LINEAR_EXACT":
+        if width <= 0:
+            return None
+        out = np.clip((values - center) / width + 0.5, 0.0, 1.0)
+    else:
+        if width < 1:
+            return None
+        if width == 1:
+            out = (values >= center - 0.5).astype(np.float64)
+        else:
+            out = np.clip((values - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
+    # A window that saturates nearly every pixel hides the image: treat it as absent.
+    inside = np.count_nonzero((out > 0.0) & (out < 1.0))
+    if inside < 0.05 * out.size:
+        log.info("header VOI window saturates the image; using the percentile window")
+        return None
+    return out
+
+
+def _percentile_window(values: np.ndarray, padding: np.ndarray | None) -> np.ndarray:
+    sample = values[~padding] if padding is not None else values.ravel()
+    if sample.size > _PERCENTILE_SAMPLE:
+        step = int(math.ceil(sample.size / _PERCENTILE_SAMPLE))
+        sample = sample[::step]
+    lo, hi = np.percentile(sample, [PERCENTILE_LOW, PERCENTILE_HIGH])
+    if not hi > lo:
+        lo, hi = float(sample.min()), float(sample.max())
+        if not hi > lo:
+            raise ImageError("image is uniform: nothing to analyse")
+    return np.clip((values - lo) / (hi - lo), 0.0, 1.0)
+
+
+def _lut_bits(rgb: np.ndarray) -> int:
+    return 8 if rgb.dtype == np.uint8 else 16
+
+
+def _luminance(rgb: np.ndarray, bits: int) -> np.ndarray:
+    rgb = rgb.astype(np.float64)
+    lum = 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
+    top = float(2**bits - 1) if 1 <= bits <= 32 else float(lum.max() or 1.0)
+    return np.clip(lum / top, 0.0, 1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# geometry
+
+
+@dataclass(frozen=True)
+class Transform:
+    """How a source image was placed in the model's `size` x `size` input.
+
+    Source pixel (row r, column c), centre at (r + 0.5, c + 0.5), lands at input coordinates
+    (pad_top + (r + 0.5) * scale_y, pad_left + (c + 0.5) * scale_x). `scale_y` and `scale_x` are
+    the exact per-axis factors of the resize (they differ from `scale` by rounding only).
+    """
+
+    source_shape: tuple[int, int]  # (rows, columns)
+    size: int
+    scale: float
+    scale_y: float
+    scale_x: float
+    pad_top: int
+    pad_left: int
+    resized_shape: tuple[int, int]
+
+    def to_source(
+        self, grid_map: np.ndarray, extent: tuple[float, float] | None = None
+    ) -> np.ndarray:
+        """Resample a map over the model input onto the source pixels, bilinearly.
+
+        `grid_map` is [h, w] (e.g. the patch-token grid, or the input itself) or [k, h, w] for k
+        maps at once. It covers the input square from the top-left corner over `extent`
+        (height, width) input pixels, the whole square by default; a token grid whose patches do
+        not tile the input exactly passes `extent = (h * patch, w * patch)`. Returns float32
+        [rows, columns] (or [k, rows, columns]).
+        """
+        m = np.asarray(grid_map, dtype=np.float32)
+        squeeze = m.ndim == 2
+        if squeeze:
+            m = m[None]
+        if m.ndim != 3:
+            raise ValueError(f"grid_map must be [h, w] or [k, h, w], got shape {m.shape}")
+        _, h, w = m.shape
+        ext_h, ext_w = extent if extent is not None else (float(self.size), float(self.size))
+        rows, cols = self.source_shape
+        # input coordinates of the source pixel centres -> fractional grid-cell indices
+        y = self.pad_top + (np.arange(rows, dtype=np.float64) + 0.5) * self.scale_y
+        x = self.pad_left + (np.arange(cols, dtype=np.float64) + 0.5) * self.scale_x
+        gy = y * (h / ext_h) - 0.5
+        gx = x * (w / ext_w) - 0.5
+        y0, y1, wy = _bilinear_taps(gy, h)
+        x0, x1, wx = _bilinear_taps(gx, w)
+        wy32 = wy.astype(np.float32)[None, :, None]
+        wx32 = wx.astype(np.float32)[None, None, :]
+        along_rows = m[:, y0, :] * (1.0 - wy32) + m[:, y1, :] * wy32  # [k, rows, w]
+        out = along_rows[:, :, x0] * (1.0 - wx32) + along_rows[:, :, x1] * wx32
+        out = np.ascontiguousarray(out, dtype=np.float32)
+        return out[0] if squeeze else out
+
+    def source_to_input(self, row: float, col: float) -> tuple[float, float]:
+        """Continuous source coordinates (row, column) -> model input coordinates (y, x)."""
+        return (self.pad_top + row * self.scale_y, self.pad_left + col * self.scale_x)
+
+
+def _bilinear_taps(g: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    g = np.clip(g, 0.0, n - 1.0)
+    i0 = np.floor(g).astype(np.intp)
+    i1 = np.minimum(i0 + 1, n - 1)
+    return i0, i1, g - i0
+
+
+def letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, Transform]:
+    """Fit the whole image into `size` x `size`: the longer side scaled to `size`, the other
+    padded symmetrically with 0. Anti-aliased bilinear resampling. Returns float32 and the
+    `Transform` that maps results back to the source."""
+    img = np.asarray(image, dtype=np.float32)
+    if img.ndim != 2:
+        raise ValueError(f"letterbox expects a 2-D image, got shape {img.shape}")
+    if size < 1:
+        raise ValueError(f"size must be positive, got {size}")
+    rows, cols = img.shape
+    if rows < 1 or cols < 1:
+        raise ValueError(f"empty image {img.shape}")
+    scale = size / max(rows, cols)
+    new_h = max(1, min(size, int(round(rows * scale))))
+    new_w = max(1, min(size, int(round(cols * scale))))
+    if (new_h, new_w) == (rows, cols):
+        resized = img
+    else:
+        t = torch.from_numpy(np.ascontiguousarray(img))[None, None]
+        resized = (
+            F.interpolate(t, size=(new_h, new_w), mode="bilinear", align_corners=False,
+                          antialias=new_h < rows or new_w < cols)
+            .squeeze(0)
+            .squeeze(0)
+            .numpy()
+        )
+    pad_top = (size - new_h) // 2
+    pad_left = (size - new_w) // 2
+    out = np.zeros((size, size), dtype=np.float32)
+    out[pad_top : pad_top + new_h, pad_left : pad_left + new_w] = resized
+    transform = Transform(
+        source_shape=(rows, cols),
+        size=size,
+        scale=scale,
+        scale_y=new_h / rows,
+        scale_x=new_w / cols,
+        pad_top=pad_top,
+        pad_left=pad_left,
+        resized_shape=(new_h, new_w),
+    )
+    return out, transform
+
+
+def normalize(image: np.ndarray, preprocessing: Preprocessing) -> torch.Tensor:
+    """[size, size] grey image in 0..1 -> float32 tensor [3, size, size], mean/std normalised."""
+    img = np.asarray(image, dtype=np.float32)
+    if img.shape != (preprocessing.size, preprocessing.size):
+        raise ValueError(
+            f"image shape {img.shape} does not match the model input size {preprocessing.size}"
+        )
+    t = torch.from_numpy(np.ascontiguousarray(img))[None].expand(3, -1, -1)
+    mean = torch.tensor(preprocessing.mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(preprocessing.std, dtype=torch.float32).view(3, 1, 1)
+    return ((t - mean) / std).contiguous()

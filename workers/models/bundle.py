@@ -1,0 +1,452 @@
+"""Model bundles: an encoder checkpoint, task adapters and their preprocessing, with checksums.
+
+A bundle is a folder with `manifest.json`::
+
+    {
+      "name": "...", "version": "0.1.0",
+      "encoder": {"format": "hf-dinov2", "path": "encoder",
+                  "files": {"config.json": "<sha256>", "model.safetensors": "<sha256>", ...}},
+      "adapters": {
+        "classifier": {"path": "adapters/classifier.safetensors", "sha256": "...",
+                       "labels": [...], "thresholds": [...]},
+        "segmenter": {"path": "adapters/segmenter.safetensors", "sha256": "...", "classes": [...]}
+      },
+      "preprocessing": {"size": 518, "mean": [...], "std": [...]},
+      "random_weights": false,
+      "intended": {"anatomy": "chest", "views": ["PA", "AP"]}
+    }
+
+`load_bundle` checks every file's sha256 before it reads any weights, and loads local
+safetensors files only, with `strict=True`. The encoder path may be absolute (an installation
+that downloaded RAD-DINO once points the bundle at that folder); adapter paths stay inside the
+bundle. The bundle's checksum is the sha256 of the manifest bytes, which pin every file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from workers.imaging import Preprocessing
+from workers.models.adapters import ClassificationHead, LinearSegHead
+from workers.models.hf_loader import (
+    CONFIG_FILE,
+    PREPROCESSOR_FILE,
+    WEIGHTS_FILE,
+    HFLoadError,
+    load_hf_dinov2,
+    read_preprocessing,
+    save_hf_layout,
+)
+from workers.models.vit import DinoViT, ViTConfig, init_weights
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DEMO_LABELS",
+    "DEMO_SEG_CLASSES",
+    "MANIFEST",
+    "Bundle",
+    "BundleError",
+    "load_bundle",
+    "sha256_file",
+    "write_demo_bundle",
+]
+
+MANIFEST = "manifest.json"
+ENCODER_FORMAT = "hf-dinov2"
+DEMO_LABELS = ["Cardiomegaly", "Pleural effusion", "Pneumothorax", "Consolidation", "Nodule"]
+DEMO_SEG_CLASSES = ["Lung field"]
+# RAD-DINO's published normalisation (grey X-rays replicated to 3 channels).
+DEMO_MEAN = (0.5307, 0.5307, 0.5307)
+DEMO_STD = (0.2583, 0.2583, 0.2583)
+
+
+class BundleError(ValueError):
+    """The bundle cannot be used; the message names the file or field at fault."""
+
+
+@dataclass
+class Bundle:
+    root: Path
+    name: str
+    version: str
+    encoder: DinoViT
+    encoder_config: ViTConfig
+    classifier: ClassificationHead | None
+    segmenter: LinearSegHead | None
+    labels: list[str]
+    thresholds: list[float]
+    seg_classes: list[str]
+    preprocessing: Preprocessing
+    is_demo: bool
+    checksum: str  # sha256 of manifest.json bytes
+    intended: dict[str, Any] = field(default_factory=dict)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# load
+
+
+def load_bundle(path: str | os.PathLike[str]) -> Bundle:
+    """Verify and load the bundle at `path` (its folder, or its manifest.json)."""
+    p = Path(path)
+    manifest_path = p if p.name == MANIFEST and p.is_file() else p / MANIFEST
+    root = manifest_path.parent
+    if not manifest_path.is_file():
+        raise BundleError(f"missing file {MANIFEST} in {root}")
+    raw = manifest_path.read_bytes()
+    checksum = hashlib.sha256(raw).hexdigest()
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{MANIFEST}: not valid JSON: {exc}") from exc
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{MANIFEST}: expected a JSON object")
+
+    name = _str(manifest, "name")
+    version = _str(manifest, "version")
+    enc = _obj(manifest, "encoder")
+    fmt = enc.get("format")
+    if fmt != ENCODER_FORMAT:
+        raise BundleError(f"{MANIFEST}: encoder.format {fmt!r} is not supported ({ENCODER_FORMAT})")
+    enc_rel = _str(enc, "path", where="encoder")
+    enc_dir = Path(enc_rel) if Path(enc_rel).is_absolute() else _inside(root, enc_rel)
+    enc_files = _obj(enc, "files", where="encoder")
+    for required in (CONFIG_FILE, WEIGHTS_FILE):
+        if required not in enc_files:
+            raise BundleError(f"{MANIFEST}: encoder.files does not list {required}")
+
+    adapters = manifest.get("adapters") or {}
+    if not isinstance(adapters, dict):
+        raise BundleError(f"{MANIFEST}: adapters must be an object")
+    cls_spec = adapters.get("classifier")
+    seg_spec = adapters.get("segmenter")
+
+    # 1. every checksum, before any weights are read
+    to_check: list[tuple[str, Path, str]] = []
+    for rel, digest in enc_files.items():
+        to_check.append((f"{enc_rel}/{rel}", _inside(enc_dir, rel), str(digest)))
+    for kind, spec in (("classifier", cls_spec), ("segmenter", seg_spec)):
+        if spec is None:
+            continue
+        if not isinstance(spec, dict):
+            raise BundleError(f"{MANIFEST}: adapters.{kind} must be an object")
+        rel = _str(spec, "path", where=f"adapters.{kind}")
+        if Path(rel).is_absolute():
+            raise BundleError(f"{MANIFEST}: adapters.{kind}.path must be relative: {rel}")
+        to_check.append((rel, _inside(root, rel), _str(spec, "sha256", where=f"adapters.{kind}")))
+    for label, file, expected in to_check:
+        if not file.is_file():
+            raise BundleError(f"missing file {label} (bundle {root})")
+        actual = sha256_file(file)
+        if actual != expected.lower():
+            raise BundleError(
+                f"checksum mismatch for {label}: manifest says {expected}, file has {actual}"
+            )
+
+    # 2. preprocessing: the manifest's (the adapters were trained with it), else the encoder's
+    pre_file = _inside(enc_dir, PREPROCESSOR_FILE) if PREPROCESSOR_FILE in enc_files else None
+    try:
+        from_encoder = read_preprocessing(pre_file) if pre_file is not None else None
+    except HFLoadError as exc:
+        raise BundleError(f"{enc_rel}/{exc}") from exc
+    if manifest.get("preprocessing") is not None:
+        try:
+            preprocessing = Preprocessing.from_dict(_obj(manifest, "preprocessing"))
+        except ValueError as exc:
+            raise BundleError(f"{MANIFEST}: preprocessing: {exc}") from exc
+        if from_encoder is not None and from_encoder != preprocessing:
+            log.warning("bundle %s: manifest preprocessing overrides %s", name, PREPROCESSOR_FILE)
+    elif from_encoder is not None:
+        preprocessing = from_encoder
+    else:
+        raise BundleError(f"{MANIFEST}: no preprocessing and no {PREPROCESSOR_FILE} listed")
+
+    # 3. weights
+    try:
+        encoder, cfg, _ = load_hf_dinov2(enc_dir, with_preprocessing=False)
+    except HFLoadError as exc:
+        raise BundleError(f"encoder {enc_rel}: {exc}") from exc
+    except RuntimeError as exc:  # load_state_dict shape mismatches
+        raise BundleError(f"encoder {enc_rel}: {exc}") from exc
+    if preprocessing.size % cfg.patch_size:
+        log.warning(
+            "bundle %s: input size %d is not a multiple of the patch size %d; the border is unused",
+            name, preprocessing.size, cfg.patch_size,
+        )
+
+    classifier: ClassificationHead | None = None
+    labels: list[str] = []
+    thresholds: list[float] = []
+    if cls_spec is not None:
+        labels = _str_list(cls_spec, "labels", "adapters.classifier")
+        thresholds = [float(t) for t in _list(cls_spec, "thresholds", "adapters.classifier")]
+        if not labels or len(thresholds) != len(labels):
+            raise BundleError(
+                f"{MANIFEST}: adapters.classifier needs one threshold per label "
+                f"({len(labels)} labels, {len(thresholds)} thresholds)"
+            )
+        if any(not 0.0 <= t <= 1.0 for t in thresholds):
+            raise BundleError(f"{MANIFEST}: adapters.classifier thresholds must be in 0..1")
+        classifier = ClassificationHead(cfg.hidden_size, len(labels))
+        _load_adapter(classifier, root, cls_spec["path"])
+
+    segmenter: LinearSegHead | None = None
+    seg_classes: list[str] = []
+    if seg_spec is not None:
+        seg_classes = _str_list(seg_spec, "classes", "adapters.segmenter")
+        if not seg_classes:
+            raise BundleError(f"{MANIFEST}: adapters.segmenter.classes is empty")
+        segmenter = LinearSegHead(cfg.hidden_size, len(seg_classes))
+        _load_adapter(segmenter, root, seg_spec["path"])
+
+    is_demo = bool(manifest.get("random_weights", False))
+    intended = manifest.get("intended") or {}
+    log.info(
+        "bundle %s %s verified (manifest sha256 %s)%s",
+        name, version, checksum[:12], " DEMO random weights" if is_demo else "",
+    )
+    return Bundle(
+        root=root,
+        name=name,
+        version=version,
+        encoder=encoder,
+        encoder_config=cfg,
+        classifier=classifier,
+        segmenter=segmenter,
+        labels=labels,
+        thresholds=thresholds,
+        seg_classes=seg_classes,
+        preprocessing=preprocessing,
+        is_demo=is_demo,
+        checksum=checksum,
+        intended=intended if isinstance(intended, dict) else {},
+    )
+
+
+def _load_adapter(module: torch.nn.Module, root: Path, rel: str) -> None:
+    try:
+        state = load_file(str(_inside(root, rel)), device="cpu")
+        module.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)
+    except Exception as exc:  # safetensors errors, or missing/unexpected/mis-shaped keys
+        raise BundleError(f"adapter {rel}: cannot load: {exc}") from exc
+    module.eval()
+
+
+def _inside(base: Path, rel: str) -> Path:
+    """`base / rel`, refusing paths that leave `base`."""
+    target = (base / rel).resolve()
+    if not target.is_relative_to(base.resolve()):
+        raise BundleError(f"{MANIFEST}: path {rel!r} leaves the folder {base}")
+    return target
+
+
+def _obj(d: dict[str, Any], key: str, where: str = "") -> dict[str, Any]:
+    v = d.get(key)
+    if not isinstance(v, dict):
+        raise BundleError(f"{MANIFEST}: {where + '.' if where else ''}{key} must be an object")
+    return v
+
+
+def _str(d: dict[str, Any], key: str, where: str = "") -> str:
+    v = d.get(key)
+    if not isinstance(v, str) or not v:
+        raise BundleError(f"{MANIFEST}: {where + '.' if where else ''}{key} must be a string")
+    return v
+
+
+def _list(d: dict[str, Any], key: str, where: str) -> list[Any]:
+    v = d.get(key)
+    if not isinstance(v, list):
+        raise BundleError(f"{MANIFEST}: {where}.{key} must be a list")
+    return v
+
+
+def _str_list(d: dict[str, Any], key: str, where: str) -> list[str]:
+    v = _list(d, key, where)
+    if not all(isinstance(x, str) and x for x in v):
+        raise BundleError(f"{MANIFEST}: {where}.{key} must be a list of strings")
+    return list(v)
+
+
+# --------------------------------------------------------------------------------------------
+# the DEMO bundle
+
+
+def write_demo_bundle(path: str | os.PathLike[str], seed: int = 0) -> Path:
+    """Write a DEMO bundle with seeded random weights (ViT-S/14 at 224 px) to `path`.
+
+    Deterministic for a given seed. The heads' scales and biases are set from the encoder's
+    outputs on a few seeded synthetic images, so that probabilities spread around the thresholds
+    and masks are neither empty nor full: the outputs exercise every downstream path but mean
+    nothing. Returns the bundle folder.
+    """
+    root = Path(path)
+    (root / "adapters").mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    cfg = ViTConfig.vit_small(image_size=224)
+    encoder = DinoViT(cfg)
+    init_weights(encoder, gen)
+    encoder.eval()
+    pre = Preprocessing(size=224, mean=DEMO_MEAN, std=DEMO_STD)
+
+    classifier = ClassificationHead(cfg.hidden_size, len(DEMO_LABELS))
+    segmenter = LinearSegHead(cfg.hidden_size, len(DEMO_SEG_CLASSES))
+    _calibrate_demo_heads(encoder, classifier, segmenter, pre, gen, seed)
+
+    enc_files = save_hf_layout(encoder, cfg, root / "encoder", pre)
+    cls_path = root / "adapters" / "classifier.safetensors"
+    seg_path = root / "adapters" / "segmenter.safetensors"
+    _save_module(classifier, cls_path)
+    _save_module(segmenter, seg_path)
+
+    manifest = {
+        "name": "pacs-agent chest demo - DEMO (random weights)",
+        "version": "0.1.0-demo",
+        "description": "Seeded random weights for testing the plumbing. Not for clinical use: "
+        "its outputs mean nothing.",
+        "encoder": {
+            "format": ENCODER_FORMAT,
+            "path": "encoder",
+            "files": {f.name: sha256_file(f) for f in enc_files},
+        },
+        "adapters": {
+            "classifier": {
+                "path": "adapters/classifier.safetensors",
+                "sha256": sha256_file(cls_path),
+                "labels": DEMO_LABELS,
+                "thresholds": [0.5] * len(DEMO_LABELS),
+            },
+            "segmenter": {
+                "path": "adapters/segmenter.safetensors",
+                "sha256": sha256_file(seg_path),
+                "classes": DEMO_SEG_CLASSES,
+            },
+        },
+        "preprocessing": pre.to_dict(),
+        "random_weights": True,
+        "seed": seed,
+        "intended": {"anatomy": "chest", "views": ["PA", "AP"]},
+    }
+    _atomic_write(root / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    log.info("DEMO bundle (random weights, seed %d) written to %s", seed, root)
+    return root
+
+
+@torch.no_grad()
+def _calibrate_demo_heads(
+    encoder: DinoViT,
+    classifier: ClassificationHead,
+    segmenter: LinearSegHead,
+    pre: Preprocessing,
+    gen: torch.Generator,
+    seed: int,
+) -> None:
+    """Random head directions, made to respond to structure rather than overall brightness.
+
+    A random ViT's tokens mostly encode whether a patch is brighter than the normalisation
+    mean, so a plain random head gives all-or-nothing masks on real radiographs. The
+    directions taken by flat grey images (and the mean token) are projected out of the random
+    weights, then scale and bias are set from a few seeded synthetic images.
+    """
+    from workers.imaging import letterbox, normalize
+
+    def encode(imgs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = torch.stack([normalize(letterbox(i, pre.size)[0], pre) for i in imgs])
+        out = encoder(batch)
+        feats = torch.cat((out.cls_token, out.patch_tokens.mean(1)), dim=-1)
+        return feats, out.patch_tokens.reshape(-1, out.patch_tokens.shape[-1])
+
+    flat_feats, flat_tokens = encode(
+        [np.full((pre.size, pre.size), v, dtype=np.float32) for v in np.linspace(0, 1, 6)]
+    )
+    feats, tokens = encode(_calibration_images(seed))
+
+    def structural(w: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
+        q, _ = torch.linalg.qr(span.T)  # orthonormal basis of the brightness directions
+        return w - (w @ q) @ q.T
+
+    # classifier: logits with std 1.5 across the images, centred on a per-label offset in [-1, 1]
+    span = torch.cat((flat_feats, feats.mean(0, keepdim=True)))
+    w = structural(torch.randn(len(DEMO_LABELS), feats.shape[1], generator=gen), span)
+    w = w * (1.5 / (feats @ w.T).std(0).clamp_min(1e-6))[:, None]
+    offsets = torch.rand(len(DEMO_LABELS), generator=gen) * 2 - 1
+    bias = offsets - (feats @ w.T).mean(0)
+    classifier.linear.weight.copy_(_round(w))
+    classifier.linear.bias.copy_(_round(bias))
+
+    # segmenter: token logits with std 3 and median 0, so masks cover part of the image
+    span = torch.cat((flat_tokens.reshape(6, -1, tokens.shape[1]).mean(1),
+                      tokens.mean(0, keepdim=True)))
+    w = structural(torch.randn(len(DEMO_SEG_CLASSES), tokens.shape[1], generator=gen), span)
+    w = w * (3.0 / (tokens @ w.T).std(0).clamp_min(1e-6))[:, None]
+    bias = -(tokens @ w.T).median(0).values
+    segmenter.linear.weight.copy_(_round(w))
+    segmenter.linear.bias.copy_(_round(bias))
+
+
+def _calibration_images(seed: int) -> list[np.ndarray]:
+    """Varied synthetic inputs: chest-like phantoms of several shapes, noise, a ramp."""
+    rng = np.random.default_rng(seed)
+    images: list[np.ndarray] = []
+    for rows, cols in ((320, 280), (260, 340), (300, 300), (360, 220), (240, 240)):
+        y, x = np.mgrid[0:rows, 0:cols]
+        u, v = (x + 0.5) / cols - 0.5, (y + 0.5) / rows - 0.5
+        img = np.full((rows, cols), 0.1)
+        img[(u / 0.45) ** 2 + (v / 0.48) ** 2 < 1] = 0.7  # body
+        for side in (-1, 1):  # lungs
+            img[((u - side * 0.2) / 0.15) ** 2 + ((v + 0.05) / 0.33) ** 2 < 1] = 0.3
+        img += 0.05 * rng.standard_normal((rows, cols))
+        images.append(np.clip(img, 0, 1).astype(np.float32))
+    images.append(rng.random((280, 360)).astype(np.float32))
+    images.append(np.tile(np.linspace(0, 1, 300, dtype=np.float32), (240, 1)))
+    return images
+
+
+def _round(t: torch.Tensor) -> torch.Tensor:
+    # Calibration runs float math whose last bits may differ between machines; rounding keeps
+    # the written weights (and the manifest checksum) the same everywhere for a seed.
+    return torch.round(t * 1e4) / 1e4
+
+
+def _save_module(module: torch.nn.Module, path: Path) -> None:
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous()
+               for k, v in module.state_dict().items()}
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
+        tmp_path = Path(tmp.name)
+    try:
+        save_file(tensors, str(tmp_path), metadata={"format": "pt"})
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
+        tmp.write(data)
+        tmp.flush()
+        os.fsync(tmp.fileno())
+        tmp_path = Path(tmp.name)
+    try:
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)

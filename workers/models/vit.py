@@ -1,0 +1,279 @@
+"""DINOv2 vision transformer (RAD-DINO, RayDINO, XR-0 encoders). Architecture only: no files.
+
+Numerically the same as transformers' `Dinov2Model` (and `Dinov2WithRegistersModel` when
+`num_register_tokens > 0`): pre-norm blocks with LayerScale, a CLS token, learned position
+embeddings interpolated bicubically for other grids, a final LayerNorm. Weights come in through
+`workers.models.hf_loader`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DinoViT", "EncoderOutput", "ViTConfig", "init_weights"]
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    image_size: int
+    mlp_ratio: float = 4.0
+    patch_size: int = 14
+    layer_norm_eps: float = 1e-6
+    layerscale_value: float = 1.0
+    num_register_tokens: int = 0
+    use_swiglu_ffn: bool = False
+    qkv_bias: bool = True
+    num_channels: int = 3
+    # Dinov2WithRegisters interpolates its position embeddings with antialiasing; Dinov2 does not.
+    interpolate_antialias: bool = False
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
+        if self.image_size < self.patch_size:
+            raise ValueError(f"image_size {self.image_size} < patch_size {self.patch_size}")
+
+    @property
+    def native_grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def n_prefix_tokens(self) -> int:
+        return 1 + self.num_register_tokens
+
+    @property
+    def mlp_hidden(self) -> int:
+        hidden = int(self.hidden_size * self.mlp_ratio)
+        if self.use_swiglu_ffn:
+            # SwiGLU keeps two thirds of the MLP width, rounded up to a multiple of 8 (DINOv2)
+            hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
+        return hidden
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def vit_small(cls, image_size: int = 518, **kw: object) -> ViTConfig:
+        return cls(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
+                   image_size=image_size, **kw)  # type: ignore[arg-type]
+
+    @classmethod
+    def vit_base(cls, image_size: int = 518, **kw: object) -> ViTConfig:
+        return cls(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                   image_size=image_size, **kw)  # type: ignore[arg-type]
+
+    @classmethod
+    def vit_large(cls, image_size: int = 518, **kw: object) -> ViTConfig:
+        return cls(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                   image_size=image_size, **kw)  # type: ignore[arg-type]
+
+
+@dataclass
+class EncoderOutput:
+    """Named encoder outputs, all after the final LayerNorm."""
+
+    cls_token: torch.Tensor  # [B, D]
+    patch_tokens: torch.Tensor  # [B, h*w, D], row-major over the grid
+    grid: tuple[int, int]  # (h, w) patch grid
+    # [B, heads, T, T] with T = n_prefix_tokens + h*w, token order CLS, registers, patches
+    last_attention: torch.Tensor | None = None
+    n_prefix_tokens: int = 1
+    register_tokens: torch.Tensor | None = None  # [B, R, D] when the model has registers
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init_value: float) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_value)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        d = cfg.hidden_size
+        self.num_heads = cfg.num_attention_heads
+        self.head_dim = d // cfg.num_attention_heads
+        self.scale = self.head_dim**-0.5
+        self.q = nn.Linear(d, d, bias=cfg.qkv_bias)
+        self.k = nn.Linear(d, d, bias=cfg.qkv_bias)
+        self.v = nn.Linear(d, d, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(d, d)
+
+    def forward(
+        self, x: torch.Tensor, need_weights: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        b, t, d = x.shape
+        shape = (b, t, self.num_heads, self.head_dim)
+        q = self.q(x).view(shape).transpose(1, 2)
+        k = self.k(x).view(shape).transpose(1, 2)
+        v = self.v(x).view(shape).transpose(1, 2)
+        weights: torch.Tensor | None = None
+        if need_weights:
+            weights = torch.softmax((q @ k.transpose(-2, -1)) * self.scale, dim=-1)
+            out = weights @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        out = out.transpose(1, 2).reshape(b, t, d)
+        return self.proj(out), weights
+
+
+class Mlp(nn.Module):
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.mlp_hidden)
+        self.fc2 = nn.Linear(cfg.mlp_hidden, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class SwiGLUFFN(nn.Module):
+    """Fused gate/up projection as stored in DINOv2 checkpoints (`weights_in`: gate then up)."""
+
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.weights_in = nn.Linear(cfg.hidden_size, 2 * cfg.mlp_hidden)
+        self.weights_out = nn.Linear(cfg.mlp_hidden, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.weights_in(x).chunk(2, dim=-1)
+        return self.weights_out(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        d = cfg.hidden_size
+        self.norm1 = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.attn = Attention(cfg)
+        self.ls1 = LayerScale(d, cfg.layerscale_value)
+        self.norm2 = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.mlp: nn.Module = SwiGLUFFN(cfg) if cfg.use_swiglu_ffn else Mlp(cfg)
+        self.ls2 = LayerScale(d, cfg.layerscale_value)
+
+    def forward(
+        self, x: torch.Tensor, need_weights: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn, weights = self.attn(self.norm1(x), need_weights=need_weights)
+        x = x + self.ls1(attn)
+        x = x + self.ls2(self.mlp(self.norm2(x)))
+        return x, weights
+
+
+class DinoViT(nn.Module):
+    """DINOv2 ViT. `forward(pixel_values [B, 3, H, W])` -> `EncoderOutput`; H and W need not be
+    the native size (position embeddings are interpolated) and are floored to the patch size."""
+
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.hidden_size
+        self.patch_embed = nn.Conv2d(cfg.num_channels, d, cfg.patch_size, stride=cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        # Unused at inference; present so that DINOv2 checkpoints load with strict=True.
+        self.mask_token = nn.Parameter(torch.zeros(1, d))
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.native_grid**2 + 1, d))
+        self.register_tokens: nn.Parameter | None = (
+            nn.Parameter(torch.zeros(1, cfg.num_register_tokens, d))
+            if cfg.num_register_tokens > 0
+            else None
+        )
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+
+    def interpolate_pos_encoding(self, n_patches: int, height: int, width: int) -> torch.Tensor:
+        """Position embeddings for an input of `height` x `width` pixels (as HF Dinov2 does)."""
+        pos = self.pos_embed
+        n_pos = pos.shape[1] - 1
+        if n_patches == n_pos and height == width:
+            return pos
+        cls_pos, patch_pos = pos[:, :1], pos[:, 1:]
+        d = pos.shape[-1]
+        new_h, new_w = height // self.cfg.patch_size, width // self.cfg.patch_size
+        side = int(math.sqrt(n_pos))
+        patch_pos = patch_pos.reshape(1, side, side, d).permute(0, 3, 1, 2)
+        target_dtype = patch_pos.dtype
+        patch_pos = F.interpolate(
+            patch_pos.to(torch.float32),
+            size=(new_h, new_w),
+            mode="bicubic",
+            align_corners=False,
+            antialias=self.cfg.interpolate_antialias,
+        ).to(target_dtype)
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, -1, d)
+        return torch.cat((cls_pos, patch_pos), dim=1)
+
+    def forward(self, pixel_values: torch.Tensor, output_attentions: bool = False) -> EncoderOutput:
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.cfg.num_channels:
+            raise ValueError(
+                f"pixel_values must be [B, {self.cfg.num_channels}, H, W], "
+                f"got {tuple(pixel_values.shape)}"
+            )
+        b, _, height, width = pixel_values.shape
+        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))
+        grid = (int(x.shape[2]), int(x.shape[3]))
+        x = x.flatten(2).transpose(1, 2)
+        x = torch.cat((self.cls_token.expand(b, -1, -1), x), dim=1)
+        x = x + self.interpolate_pos_encoding(x.shape[1] - 1, height, width)
+        if self.register_tokens is not None:
+            x = torch.cat((x[:, :1], self.register_tokens.expand(b, -1, -1), x[:, 1:]), dim=1)
+
+        last_attention: torch.Tensor | None = None
+        n_blocks = len(self.blocks)
+        for i, block in enumerate(self.blocks):
+            need = output_attentions and i == n_blocks - 1
+            x, weights = block(x, need_weights=need)
+            if need:
+                last_attention = weights
+        x = self.norm(x)
+        p = self.cfg.n_prefix_tokens
+        return EncoderOutput(
+            cls_token=x[:, 0],
+            patch_tokens=x[:, p:],
+            grid=grid,
+            last_attention=last_attention,
+            n_prefix_tokens=p,
+            register_tokens=x[:, 1:p] if p > 1 else None,
+        )
+
+
+@torch.no_grad()
+def init_weights(model: DinoViT, generator: torch.Generator, std: float = 0.02) -> None:
+    """Deterministic random initialisation (DINOv2 style: truncated normal linear weights, zero
+    biases, unit LayerNorms, LayerScale at its configured value). For DEMO bundles and tests."""
+
+    def tn(p: torch.Tensor) -> None:
+        p.copy_(torch.randn(p.shape, generator=generator).clamp_(-2.0, 2.0) * std)
+
+    tn(model.pos_embed)
+    tn(model.cls_token)
+    model.mask_token.zero_()
+    if model.register_tokens is not None:
+        tn(model.register_tokens)
+    for module in model.modules():
+        if isinstance(module, nn.Linear | nn.Conv2d):
+            tn(module.weight)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.fill_(1.0)
+            module.bias.zero_()
+        elif isinstance(module, LayerScale):
+            module.gamma.fill_(model.cfg.layerscale_value)
