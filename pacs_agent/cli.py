@@ -6,7 +6,6 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -55,9 +54,21 @@ def cmd_db_upgrade(_args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    # Worker-side commands (they import torch) parse their own arguments.
     from workers import model_cli
 
-    return model_cli.main(args)
+    return model_cli.main([args.command, *args.rest])
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.rest[:1] == ["ingest"]:
+        import importlib
+
+        bench_ingest = importlib.import_module("pacs_agent.bench_ingest")  # agent side: no torch
+        return int(bench_ingest.main(args.rest[1:]))
+    from workers import model_cli
+
+    return model_cli.main(["bench", *args.rest])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,21 +89,32 @@ def build_parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_cmd", required=True)
     db.add_parser("upgrade", help="apply Alembic migrations").set_defaults(func=cmd_db_upgrade)
 
-    models = sub.add_parser("models", help="model bundles").add_subparsers(
-        dest="models_cmd", required=True
-    )
-    demo = models.add_parser("demo", help="write a DEMO bundle with seeded random weights")
-    demo.add_argument("--out", type=Path, default=None, help="bundle folder (default: settings)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=cmd_models)
-    verify = models.add_parser("verify", help="check a bundle's files and checksums")
-    verify.add_argument("bundle", type=Path)
-    verify.set_defaults(func=cmd_models)
+    for name, text in (
+        ("models", "model bundles: demo, verify, import, embed (worker side)"),
+        ("adapters", "train and audit task adapters on frozen features (worker side)"),
+    ):
+        sp = sub.add_parser(name, help=text, add_help=False)
+        sp.add_argument("rest", nargs=argparse.REMAINDER)
+        sp.set_defaults(func=cmd_models)
+    bench = sub.add_parser("bench", help="benchmarks: ingest, encoder, pipeline", add_help=False)
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=cmd_bench)
     return p
 
 
+PASS_THROUGH = {"models": cmd_models, "adapters": cmd_models, "bench": cmd_bench}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args: argparse.Namespace
+    if argv and argv[0] in PASS_THROUGH:
+        # These parse their own arguments (argparse's REMAINDER drops a leading --help).
+        args = argparse.Namespace(
+            command=argv[0], rest=argv[1:], verbose=False, func=PASS_THROUGH[argv[0]]
+        )
+    else:
+        args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -34,14 +34,10 @@ from pacs_agent.db.session import Database, record_event
 from pacs_agent.delivery.service import deliver_job_results
 from pacs_agent.settings import Settings
 from pacs_agent.store import fsync_dir
-from pacs_agent.uids import derive_uid
-from workers.results import AlgorithmInfo, ImageResult, OutputIdentity
+from workers.dicom_out.outputs import OutputOptions, build_outputs
+from workers.results import AlgorithmInfo, ImageResult
 
 log = logging.getLogger(__name__)
-
-SR_SERIES_NUMBER = 9001
-SEG_SERIES_NUMBER = 9002
-SC_SERIES_NUMBER = 9003
 
 # Findings whose presence makes a study critical; any other positive finding makes it urgent.
 CRITICAL_LABELS = {"pneumothorax"}
@@ -189,68 +185,6 @@ def _finish(
             record_event(s, "job.done", f"triage {triage}", study_id=study.id, job_id=job.id)
 
 
-def build_outputs(
-    sources: list[Dataset], results: list[ImageResult], algorithm: AlgorithmInfo, study_version: int
-) -> list[tuple[str, Dataset, str | None]]:
-    """All output objects for one study: (kind, dataset, source SOP UID)."""
-    from workers.dicom_out.sc import build_heatmap_sc
-    from workers.dicom_out.seg import build_seg
-    from workers.dicom_out.sr import build_sr
-
-    study_uid = str(sources[0].StudyInstanceUID)
-    key = (algorithm.name, algorithm.version, str(study_version))
-    suffix = " (DEMO)" if algorithm.is_demo else ""
-    by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
-    outputs: list[tuple[str, Dataset, str | None]] = []
-    seg_series = derive_uid(study_uid, *key, "seg-series")
-    sc_series = derive_uid(study_uid, *key, "sc-series")
-    for n, r in enumerate(results, start=1):
-        src = by_uid[r.source_sop_instance_uid]
-        seg = build_seg(
-            src,
-            r.masks,
-            r.segment_labels,
-            algorithm,
-            OutputIdentity(
-                seg_series,
-                derive_uid(r.source_sop_instance_uid, *key, "seg"),
-                SEG_SERIES_NUMBER,
-                n,
-                f"AI segmentation{suffix}",
-            ),
-        )
-        outputs.append(("seg", seg, r.source_sop_instance_uid))
-        sc = build_heatmap_sc(
-            src,
-            r.display,
-            r.heatmap,
-            algorithm,
-            OutputIdentity(
-                sc_series,
-                derive_uid(r.source_sop_instance_uid, *key, "sc"),
-                SC_SERIES_NUMBER,
-                n,
-                f"AI heatmap{suffix}",
-            ),
-        )
-        outputs.append(("sc", sc, r.source_sop_instance_uid))
-    findings = [f for r in results for f in r.findings]
-    sr = build_sr(
-        [by_uid[r.source_sop_instance_uid] for r in results],
-        findings,
-        algorithm,
-        OutputIdentity(
-            derive_uid(study_uid, *key, "sr-series"),
-            derive_uid(study_uid, *key, "sr"),
-            SR_SERIES_NUMBER,
-            1,
-            f"AI findings{suffix}",
-        ),
-    )
-    outputs.insert(0, ("sr", sr, None))
-    return outputs
-
-
 def process(ctx: WorkerContext, job_id: int) -> str:
     claimed = _claim(ctx.db, job_id)
     if claimed is None:
@@ -295,7 +229,9 @@ def process(ctx: WorkerContext, job_id: int) -> str:
         log.info(
             "job %s: model ran on %d images in %.2f s", job_id, len(images), time.monotonic() - t0
         )
-        outputs = build_outputs(sources, results, algorithm, job.study_version)
+        outputs = build_outputs(
+            sources, results, algorithm, job.study_version, OutputOptions.from_settings(settings)
+        )
         root = settings.results_dir
         with ctx.db.session() as s:
             for kind, ds, source_uid in outputs:
