@@ -98,6 +98,12 @@ class Settings(BaseSettings):
     delivery_attempts: int = 3
     delivery_backoff_s: float = 2.0
 
+    # Output objects
+    sr_flavour: Literal["tid1500", "basic-text"] = "tid1500"
+    seg_type: Literal["binary", "fractional"] = "binary"
+    parametric_map: bool = True  # float heatmap for viewers that can window it
+    key_objects: bool = False  # a Key Object Selection naming images with positive findings
+
     # Refuse C-STORE with 0xA700 when the data_dir filesystem has less free space than this.
     min_free_disk_mb: int = 500
 

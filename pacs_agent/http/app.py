@@ -58,6 +58,7 @@ class _ReplayGuard:
 
 def create_app(state: AgentState) -> FastAPI:
     app = FastAPI(title="pacs-agent", version=__version__)
+    app.state.agent = state  # routers in other modules (e.g. STOW-RS) reach the state here
     replay = _ReplayGuard()
 
     def require_token(request: Request) -> None:
