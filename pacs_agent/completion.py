@@ -16,9 +16,19 @@ import time
 from celery import Celery
 from sqlalchemy import select, update
 
-from pacs_agent.db.models import Job, JobStatus, Rule, Study, StudyStatus, utcnow
+from pacs_agent.db.models import (
+    Delivery,
+    DeliveryStatus,
+    Job,
+    JobStatus,
+    Result,
+    Rule,
+    Study,
+    StudyStatus,
+    utcnow,
+)
 from pacs_agent.db.session import Database, record_event
-from pacs_agent.queue import enqueue_job
+from pacs_agent.queue import TASK_DELIVER_JOB, enqueue_job
 from pacs_agent.routing import decide, study_facts
 
 log = logging.getLogger(__name__)
@@ -33,6 +43,8 @@ class CompletionLoop:
         quiet_period_s: float,
         default_destinations: list[str],
         poll_s: float = 0.5,
+        delivery_lease_s: float = 300.0,
+        stale_job_s: float = 1800.0,
     ) -> None:
         self.db = db
         self.celery = celery
@@ -42,6 +54,8 @@ class CompletionLoop:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._broker_down_until = 0.0
+        self.delivery_lease = dt.timedelta(seconds=delivery_lease_s)
+        self.stale_job = dt.timedelta(seconds=stale_job_s)
 
     # One pass ---------------------------------------------------------------------------------
 
@@ -143,9 +157,73 @@ class CompletionLoop:
             sent += 1
         return sent
 
+    def retry_due_deliveries(self) -> int:
+        """Send jobs whose deliveries are due for another attempt back to a worker."""
+        if time.monotonic() < self._broker_down_until:
+            return 0
+        now = utcnow()
+        with self.db.session() as s:
+            due = s.execute(
+                select(Job.id, Job.priority)
+                .join(Result, Result.job_id == Job.id)
+                .join(Delivery, Delivery.result_id == Result.id)
+                .where(
+                    Job.status == JobStatus.DELIVERING.value,
+                    Delivery.status == DeliveryStatus.PENDING.value,
+                    Delivery.next_attempt_at <= now,
+                )
+                .distinct()
+            ).all()
+        sent = 0
+        for job_id, priority in due:
+            try:
+                enqueue_job(self.celery, job_id, priority, task=TASK_DELIVER_JOB)
+            except Exception as exc:
+                log.warning("broker unreachable, delivery retry of job %s waits: %s", job_id, exc)
+                self._broker_down_until = time.monotonic() + 5.0
+                break
+            with self.db.session() as s:
+                result_ids = select(Result.id).where(Result.job_id == job_id)
+                # A lease, so the same retry is not sent again while a worker holds it.
+                s.execute(
+                    update(Delivery)
+                    .where(
+                        Delivery.result_id.in_(result_ids),
+                        Delivery.status == DeliveryStatus.PENDING.value,
+                    )
+                    .values(next_attempt_at=now + self.delivery_lease)
+                )
+            sent += 1
+        return sent
+
+    def requeue_stale_jobs(self) -> int:
+        """A job running far longer than the task time limit lost its worker: send it again."""
+        cutoff = utcnow() - self.stale_job
+        with self.db.session() as s:
+            stale = list(
+                s.scalars(
+                    select(Job).where(
+                        Job.status == JobStatus.RUNNING.value, Job.started_at < cutoff
+                    )
+                )
+            )
+            for job in stale:
+                job.status = JobStatus.PENDING.value
+                record_event(
+                    s,
+                    "job.stale",
+                    "running past the time limit: sent again",
+                    study_id=job.study_id,
+                    job_id=job.id,
+                    level="warning",
+                )
+        return len(stale)
+
     def run_once(self) -> None:
         self.complete_quiet_studies()
+        self.requeue_stale_jobs()
         self.dispatch_pending()
+        self.retry_due_deliveries()
 
     # Thread -----------------------------------------------------------------------------------
 

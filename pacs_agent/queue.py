@@ -10,6 +10,7 @@ from celery import Celery
 from pacs_agent.settings import Settings
 
 TASK_PROCESS_JOB = "workers.process_job"
+TASK_DELIVER_JOB = "workers.deliver_job"
 INFERENCE_QUEUE = "inference"
 
 
@@ -29,7 +30,8 @@ def make_celery(settings: Settings) -> Celery:
         broker_connection_timeout=5,
         broker_transport_options={
             # Longer than the slowest task, or Redis hands a running job to a second worker.
-            "visibility_timeout": settings.task_time_limit_s * 2,
+            "visibility_timeout": settings.broker_visibility_timeout_s
+            or settings.task_time_limit_s * 2,
             "queue_order_strategy": "priority",
             "priority_steps": list(range(10)),
             "sep": ":",
@@ -42,10 +44,10 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-def enqueue_job(app: Celery, job_id: int, priority: int) -> str:
+def enqueue_job(app: Celery, job_id: int, priority: int, task: str = TASK_PROCESS_JOB) -> str:
     """Send a job by name. Raises (kombu/redis errors) when the broker is unreachable."""
     result = app.send_task(
-        TASK_PROCESS_JOB,
+        task,
         args=[job_id],
         queue=INFERENCE_QUEUE,
         priority=priority,

@@ -67,6 +67,8 @@ class Agent:
             quiet_period_s=settings.quiet_period_s,
             default_destinations=settings.destination_urls,
             poll_s=settings.completion_poll_s,
+            delivery_lease_s=settings.delivery_backoff_max_s,
+            stale_job_s=settings.task_time_limit_s + 120,
         )
         self.puller = PullWorker(settings, self.db, self.ingestor)
         self.scp: ThreadedAssociationServer | None = None

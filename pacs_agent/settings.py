@@ -95,8 +95,13 @@ class Settings(BaseSettings):
     worker_dtype: Literal["float32", "bfloat16"] = "float32"
     worker_concurrency: int = 1
     task_time_limit_s: int = 900
-    delivery_attempts: int = 3
-    delivery_backoff_s: float = 2.0
+    # Result delivery: attempts per destination before it is marked failed, and the backoff
+    # between them (exponential from delivery_backoff_s, capped, with jitter).
+    delivery_attempts: int = 10
+    delivery_backoff_s: float = 15.0
+    delivery_backoff_max_s: float = 300.0
+    # Redis redelivers an unacknowledged job after this; unset: twice the task time limit.
+    broker_visibility_timeout_s: int | None = None
 
     # Output objects
     sr_flavour: Literal["tid1500", "basic-text"] = "tid1500"

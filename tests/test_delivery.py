@@ -95,14 +95,37 @@ def test_unreachable_destination_is_recorded_as_failed(tmp_path: Path, database_
         )
         ids = (study.id, job.id)
     down = f"dicom://NOBODY@127.0.0.1:{free_port()}"
-    errors = deliver_job_results(
-        db, ids[1], ids[0], [down], results_root=tmp_path, attempts=2, backoff_s=0.05
+    first = deliver_job_results(
+        db,
+        ids[1],
+        ids[0],
+        [down],
+        results_root=tmp_path,
+        max_attempts=2,
+        backoff_s=5,
+        backoff_max_s=10,
     )
-    assert len(errors) == 1 and "NOBODY" in errors[0]
+    assert first.failed == [] and len(first.pending) == 1 and "NOBODY" in first.pending[0]
     with db.session() as s:
         [d] = list(s.scalars(select(Delivery)))
-        assert d.status == "failed" and d.attempts == 2 and d.last_error
-        assert any(e.kind == "delivery.failed" for e in s.scalars(select(Event)))
+        assert d.status == "pending" and d.attempts == 1 and d.last_error
+        assert d.next_attempt_at is not None  # scheduled with backoff, persisted
+    second = deliver_job_results(
+        db,
+        ids[1],
+        ids[0],
+        [down],
+        results_root=tmp_path,
+        max_attempts=2,
+        backoff_s=5,
+        backoff_max_s=10,
+    )
+    assert second.pending == [] and len(second.failed) == 1
+    with db.session() as s:
+        [d] = list(s.scalars(select(Delivery)))
+        assert d.status == "failed" and d.attempts == 2 and d.next_attempt_at is None
+        kinds = [e.kind for e in s.scalars(select(Event))]
+        assert kinds == ["delivery.retry", "delivery.failed"]
     db.dispose()
 
 

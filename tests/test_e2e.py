@@ -39,6 +39,10 @@ class Stack:
     agent: AgentEnv
     orthanc: OrthancServer
     database_url: str
+    orthanc_args: dict
+
+    def restart_orthanc(self) -> None:
+        self.orthanc = start_orthanc(**self.orthanc_args)
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +71,14 @@ def stack(
     )
     agent.env["PACS_AGENT_ORTHANC_URL"] = f"http://127.0.0.1:{orthanc_http}"
     agent.env["PACS_AGENT_WEBHOOK_SECRET"] = SECRET
-    orthanc = start_orthanc(
-        tmp / "orthanc",
+    # Quick retries, and a short broker visibility timeout so that a killed worker's job comes
+    # back within the test (production keeps the defaults: minutes).
+    agent.env["PACS_AGENT_DELIVERY_BACKOFF_S"] = "1"
+    agent.env["PACS_AGENT_DELIVERY_BACKOFF_MAX_S"] = "2"
+    agent.env["PACS_AGENT_DELIVERY_ATTEMPTS"] = "60"
+    agent.env["PACS_AGENT_BROKER_VISIBILITY_TIMEOUT_S"] = "8"
+    orthanc_args = dict(
+        workdir=tmp / "orthanc",
         http_port=orthanc_http,
         dicom_port=orthanc_dicom,
         modalities={"pacsagent": ("PACSAGENT", "127.0.0.1", agent.dicom_port)},
@@ -76,13 +86,14 @@ def stack(
         webhook_secret=SECRET,
         stable_age=2,
     )
+    stack = Stack(agent, start_orthanc(**orthanc_args), db_url, orthanc_args)
     try:
         agent.start_agent()
         agent.start_worker()
-        yield Stack(agent, orthanc, db_url)
+        yield stack
     finally:
         agent.stop()
-        orthanc.stop()
+        stack.orthanc.stop()
         redis.Redis.from_url(broker_url).flushdb()
         _drop_pg_database(postgres_server, name)
 
@@ -214,3 +225,76 @@ def test_redelivered_job_makes_no_second_copy(stack: Stack) -> None:
         for i in stack.orthanc.study_instances(source.StudyInstanceUID)
     )
     assert after == before
+
+
+def _new_study(tmp: Path, name: str = "RG3_J2KR.dcm") -> tuple[Path, Dataset]:
+    """A copy of a sample radiograph as a new study (new study, series and SOP UIDs)."""
+    from pydicom.uid import generate_uid
+
+    ds = dcmread(sample_path(name))
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    path = tmp / f"{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path, ds
+
+
+def _sop_uids(orthanc: OrthancServer, study_uid: str) -> list[str]:
+    return sorted(i["MainDicomTags"]["SOPInstanceUID"] for i in orthanc.study_instances(study_uid))
+
+
+def test_pacs_down_gets_everything_once_when_back(stack: Stack, tmp_path: Path) -> None:
+    stack.orthanc.stop()
+    paths = [_new_study(tmp_path)[0] for _ in range(2)]
+    uids = [str(dcmread(p, stop_before_pixels=True).StudyInstanceUID) for p in paths]
+    for p in paths:
+        assert storescu(stack.agent.dicom_port, p).returncode == 0
+    for uid in uids:
+        st = stack.agent.wait_study(uid, {"delivering", "done", "failed"})
+        assert st["status"] == "delivering", st  # results made, PACS unreachable: waiting
+    db = Database(stack.database_url)
+    with db.session() as s:
+        pending = list(s.scalars(select(Delivery).where(Delivery.status == "pending")))
+        assert pending and all(d.last_error and d.next_attempt_at for d in pending)
+    db.dispose()
+    time.sleep(3)  # a few failed attempts while it is down
+    stack.restart_orthanc()
+    for uid in uids:
+        st = stack.agent.wait_study(uid, {"done", "failed"})
+        assert st["status"] == "done", st
+        found = _sop_uids(stack.orthanc, uid)
+        assert len(found) == 3 and len(set(found)) == 3  # SR, SEG, SC: each exactly once
+
+
+def test_worker_killed_mid_job_leaves_exactly_one_copy(stack: Stack, tmp_path: Path) -> None:
+    worker = next(
+        p for p in stack.agent.procs if p.popen.args[-1] == "worker" and p.popen.poll() is None
+    )
+    path, ds = _new_study(tmp_path, "RG1_J2KR.dcm")
+    assert storescu(stack.agent.dicom_port, path).returncode == 0
+    db = Database(stack.database_url)
+    end = time.monotonic() + 120
+    while True:  # wait until the worker has claimed the job, then kill it without warning
+        with db.session() as s:
+            job = s.scalar(
+                select(Job)
+                .join(Job.study)
+                .where(Job.study.has(study_instance_uid=str(ds.StudyInstanceUID)))
+            )
+        if job is not None and job.status == "running":
+            break
+        assert time.monotonic() < end, "job never started"
+        time.sleep(0.05)
+    worker.stop(sig="kill")
+    stack.agent.procs.remove(worker)
+    stack.agent.start_worker()
+    st = stack.agent.wait_study(str(ds.StudyInstanceUID), {"done", "failed"}, timeout=240)
+    assert st["status"] == "done", st
+    with db.session() as s:
+        job = s.get_one(Job, job.id)
+        assert job.attempts >= 2  # the job ran again after the kill
+    db.dispose()
+    found = _sop_uids(stack.orthanc, str(ds.StudyInstanceUID))
+    assert len(found) == 3 and len(set(found)) == 3

@@ -6,7 +6,7 @@ import logging
 
 from celery import Celery
 
-from pacs_agent.queue import INFERENCE_QUEUE, TASK_PROCESS_JOB, make_celery
+from pacs_agent.queue import INFERENCE_QUEUE, TASK_DELIVER_JOB, TASK_PROCESS_JOB, make_celery
 from pacs_agent.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -21,6 +21,14 @@ def process_job(self: object, job_id: int) -> str:
     from workers.pipeline import get_context, process
 
     return process(get_context(settings), job_id)
+
+
+@app.task(name=TASK_DELIVER_JOB, bind=True, acks_late=True)
+def deliver_job(self: object, job_id: int) -> str:
+    """Thin task: retry the deliveries of a job whose destinations were unreachable."""
+    from workers.pipeline import deliver, get_context
+
+    return deliver(get_context(settings), job_id)
 
 
 def run_worker(s: Settings) -> int:

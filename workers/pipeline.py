@@ -127,7 +127,7 @@ def _claim(db: Database, job_id: int) -> tuple[Job, Study, list[str]] | None:
         if job is None:
             log.error("job %s does not exist", job_id)
             return None
-        if job.status in (JobStatus.DONE.value, JobStatus.FAILED.value):
+        if job.status in (JobStatus.DONE.value, JobStatus.FAILED.value, JobStatus.DELIVERING.value):
             log.info("job %s already %s: nothing to do", job_id, job.status)
             return None
         job.status = JobStatus.RUNNING.value
@@ -160,29 +160,80 @@ def _finish(
     job_id: int,
     *,
     error: str | None,
-    triage: str | None = None,
-    checksum: str | None = None,
+    delivering: bool = False,
 ) -> None:
     with db.session() as s:
         job = s.get_one(Job, job_id)
         study = s.get_one(Study, job.study_id)
-        job.finished_at = utcnow()
-        job.triage = triage or job.triage
-        job.bundle_checksum = checksum or job.bundle_checksum
+        # A newer version of the study may be arriving: leave its state to the agent then.
+        settle = study.status != StudyStatus.RECEIVING.value and study.version == job.study_version
         if error:
             job.status = JobStatus.FAILED.value
             job.error = error
-            if study.status != StudyStatus.RECEIVING.value:
+            job.finished_at = utcnow()
+            if settle:
                 study.status = StudyStatus.FAILED.value
                 study.reason = error
             record_event(s, "job.failed", error, study_id=study.id, job_id=job.id, level="error")
+        elif delivering:
+            job.status = JobStatus.DELIVERING.value
+            job.error = None
+            if settle:
+                study.status = StudyStatus.DELIVERING.value
+            record_event(
+                s,
+                "job.delivering",
+                "results made; some destinations will be retried",
+                study_id=study.id,
+                job_id=job.id,
+            )
         else:
             job.status = JobStatus.DONE.value
             job.error = None
-            if study.status != StudyStatus.RECEIVING.value:
+            job.finished_at = utcnow()
+            if settle:
                 study.status = StudyStatus.DONE.value
                 study.reason = None
-            record_event(s, "job.done", f"triage {triage}", study_id=study.id, job_id=job.id)
+            record_event(s, "job.done", f"triage {job.triage}", study_id=study.id, job_id=job.id)
+
+
+def _deliver(ctx: WorkerContext, job_id: int, study_id: int, destinations: list[str]) -> None:
+    settings = ctx.settings
+    outcome = deliver_job_results(
+        ctx.db,
+        job_id,
+        study_id,
+        destinations,
+        results_root=settings.results_dir,
+        max_attempts=settings.delivery_attempts,
+        backoff_s=settings.delivery_backoff_s,
+        backoff_max_s=settings.delivery_backoff_max_s,
+        calling_ae=settings.ae_title,
+    )
+    if outcome.failed:
+        _finish(ctx.db, job_id, error="delivery failed: " + "; ".join(outcome.failed))
+    else:
+        _finish(ctx.db, job_id, error=None, delivering=bool(outcome.pending))
+
+
+def deliver(ctx: WorkerContext, job_id: int) -> str:
+    """A delivery retry: send what is not delivered yet. Results made on another worker host are
+    not here; the job then runs again, which makes the same objects under the same UIDs."""
+    with ctx.db.session() as s:
+        job = s.get(Job, job_id)
+        if job is None or job.status != JobStatus.DELIVERING.value:
+            return "nothing to do"
+        paths = [
+            ctx.settings.results_dir / p
+            for p in s.scalars(select(Result.path).where(Result.job_id == job_id))
+        ]
+        study_id, destinations = job.study_id, list(job.destinations)
+    if paths and all(p.is_file() for p in paths):
+        _deliver(ctx, job_id, study_id, destinations)
+        return "delivered"
+    with ctx.db.session() as s:
+        s.get_one(Job, job_id).status = JobStatus.RUNNING.value
+    return process(ctx, job_id)
 
 
 def process(ctx: WorkerContext, job_id: int) -> str:
@@ -272,25 +323,12 @@ def process(ctx: WorkerContext, job_id: int) -> str:
                 else:
                     existing.path = relpath
                     existing.summary = summary
-        errors = deliver_job_results(
-            ctx.db,
-            job_id,
-            study.id,
-            job.destinations,
-            results_root=root,
-            attempts=settings.delivery_attempts,
-            backoff_s=settings.delivery_backoff_s,
-            calling_ae=settings.ae_title,
-        )
-        triage = triage_level(results)
-        _finish(
-            ctx.db,
-            job_id,
-            error=("delivery failed: " + "; ".join(errors)) if errors else None,
-            triage=triage,
-            checksum=bundle.checksum,
-        )
-        return "failed" if errors else "done"
+        with ctx.db.session() as s:
+            j = s.get_one(Job, job_id)
+            j.triage = triage_level(results)
+            j.bundle_checksum = bundle.checksum
+        _deliver(ctx, job_id, study.id, list(job.destinations))
+        return "processed"
     except Exception as exc:
         log.exception("job %s failed", job_id)
         _finish(ctx.db, job_id, error=f"{type(exc).__name__}: {exc}")

@@ -41,6 +41,7 @@ class StudyStatus(enum.StrEnum):
     RECEIVING = "receiving"  # instances arriving; not yet complete
     COMPLETE = "complete"  # quiet period over; routing pending
     QUEUED = "queued"  # at least one job created
+    DELIVERING = "delivering"  # results made, some destinations not reached yet
     DONE = "done"
     FAILED = "failed"
     SKIPPED = "skipped"
@@ -50,6 +51,7 @@ class JobStatus(enum.StrEnum):
     PENDING = "pending"  # in the database, not yet handed to the broker
     QUEUED = "queued"  # sent to the broker
     RUNNING = "running"
+    DELIVERING = "delivering"  # outputs made; some deliveries wait for a retry
     DONE = "done"
     FAILED = "failed"
 

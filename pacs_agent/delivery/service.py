@@ -1,7 +1,10 @@
 """Deliver a job's results to its destinations; every attempt is persisted state.
 
-A delivery row per (result, destination) holds attempts, the next retry time and the last error,
-so an admin sees what failed and why. Results already delivered are not sent again.
+A delivery row per (result, destination) holds its attempts, the next retry time and the last
+error, so an admin sees what failed and why. One pass makes one attempt per destination; a
+failed attempt schedules the next one with exponential backoff and jitter (the agent's loop sends
+the job back to a worker when it is due), until ``max_attempts``, when the delivery is failed
+and waits for a manual retry. Results already delivered are not sent again.
 """
 
 from __future__ import annotations
@@ -9,8 +12,8 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import random
-import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import select
@@ -22,6 +25,18 @@ from pacs_agent.delivery.senders import redact, sender_for
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class DeliveryOutcome:
+    delivered: int = 0
+    pending: list[str] = field(default_factory=list)  # destinations that will be retried
+    failed: list[str] = field(default_factory=list)  # destinations out of attempts (with error)
+
+
+def backoff_delay(attempt: int, base_s: float, max_s: float) -> float:
+    """Seconds before attempt ``attempt + 1``: exponential, capped, with +-50% jitter."""
+    return min(max_s, base_s * (2 ** max(attempt - 1, 0))) * (0.5 + random.random())
+
+
 def deliver_job_results(
     db: Database,
     job_id: int,
@@ -29,12 +44,12 @@ def deliver_job_results(
     destinations: Sequence[str],
     *,
     results_root: Path,
-    attempts: int = 3,
-    backoff_s: float = 2.0,
+    max_attempts: int = 8,
+    backoff_s: float = 30.0,
+    backoff_max_s: float = 600.0,
     calling_ae: str = "PACSAGENT",
-) -> list[str]:
-    """Send every undelivered result of the job; return the errors left, one per destination."""
-    errors: list[str] = []
+) -> DeliveryOutcome:
+    outcome = DeliveryOutcome()
     for url in destinations:
         shown = redact(url)
         with db.session() as s:
@@ -60,66 +75,67 @@ def deliver_job_results(
                     todo.append((r.id, results_root / r.path))
         if not todo:
             continue
-        sender = sender_for(url, calling_ae=calling_ae)
-        last_error = ""
-        for attempt in range(1, attempts + 1):
-            try:
-                sender.send([p for _, p in todo])
-                _mark(db, [rid for rid, _ in todo], shown, ok=True, error=None, retry_at=None)
-                with db.session() as s:
+        ids = [rid for rid, _ in todo]
+        try:
+            sender_for(url, calling_ae=calling_ae).send([p for _, p in todo])
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            exhausted = _mark_failed_attempt(
+                db, ids, shown, error, max_attempts, backoff_s, backoff_max_s
+            )
+            with db.session() as s:
+                if exhausted:
                     record_event(
                         s,
-                        "delivery.done",
-                        f"{len(todo)} objects to {shown}",
+                        "delivery.failed",
+                        f"to {shown} after {max_attempts} attempts: {error}",
                         study_id=study_id,
                         job_id=job_id,
+                        level="error",
                     )
-                last_error = ""
-                break
-            except Exception as exc:
-                last_error = f"{type(exc).__name__}: {exc}"
-                delay = backoff_s * (2 ** (attempt - 1)) * (0.5 + random.random())
-                retry_at = utcnow() + dt.timedelta(seconds=delay) if attempt < attempts else None
-                _mark(
-                    db,
-                    [rid for rid, _ in todo],
-                    shown,
-                    ok=False,
-                    error=last_error,
-                    retry_at=retry_at,
-                )
-                log.warning(
-                    "delivery to %s failed (attempt %d/%d): %s",
-                    shown,
-                    attempt,
-                    attempts,
-                    last_error,
-                )
-                if attempt < attempts:
-                    time.sleep(delay)
-        if last_error:
-            with db.session() as s:
-                record_event(
-                    s,
-                    "delivery.failed",
-                    f"to {shown}: {last_error}",
-                    study_id=study_id,
-                    job_id=job_id,
-                    level="error",
-                )
-            errors.append(f"{shown}: {last_error}")
-    return errors
+                else:
+                    record_event(
+                        s,
+                        "delivery.retry",
+                        f"to {shown} will be retried: {error}",
+                        study_id=study_id,
+                        job_id=job_id,
+                        level="warning",
+                    )
+            log.warning("delivery of job %s to %s failed: %s", job_id, shown, error)
+            (outcome.failed if exhausted else outcome.pending).append(f"{shown}: {error}")
+            continue
+        with db.session() as s:
+            for d in s.scalars(
+                select(Delivery).where(Delivery.result_id.in_(ids), Delivery.destination == shown)
+            ):
+                d.attempts += 1
+                d.status = DeliveryStatus.DONE.value
+                d.delivered_at = utcnow()
+                d.last_error = None
+                d.next_attempt_at = None
+            record_event(
+                s,
+                "delivery.done",
+                f"{len(todo)} objects to {shown}",
+                study_id=study_id,
+                job_id=job_id,
+            )
+        outcome.delivered += len(todo)
+    return outcome
 
 
-def _mark(
+def _mark_failed_attempt(
     db: Database,
     result_ids: list[int],
     destination: str,
-    *,
-    ok: bool,
-    error: str | None,
-    retry_at: dt.datetime | None,
-) -> None:
+    error: str,
+    max_attempts: int,
+    backoff_s: float,
+    backoff_max_s: float,
+) -> bool:
+    """Record a failed attempt; return True when the rows are out of attempts."""
+    exhausted = False
     with db.session() as s:
         for d in s.scalars(
             select(Delivery).where(
@@ -127,12 +143,13 @@ def _mark(
             )
         ):
             d.attempts += 1
-            if ok:
-                d.status = DeliveryStatus.DONE.value
-                d.delivered_at = utcnow()
-                d.last_error = None
+            d.last_error = error
+            if d.attempts >= max_attempts:
+                d.status = DeliveryStatus.FAILED.value
                 d.next_attempt_at = None
+                exhausted = True
             else:
-                d.last_error = error
-                d.next_attempt_at = retry_at
-                d.status = DeliveryStatus.PENDING.value if retry_at else DeliveryStatus.FAILED.value
+                d.status = DeliveryStatus.PENDING.value
+                delay = backoff_delay(d.attempts, backoff_s, backoff_max_s)
+                d.next_attempt_at = utcnow() + dt.timedelta(seconds=delay)
+    return exhausted

@@ -11,10 +11,19 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select, text, update
 
 from pacs_agent import __version__
-from pacs_agent.db.models import Event, Instance, Job, JobStatus, Result, Study
+from pacs_agent.db.models import (
+    Delivery,
+    DeliveryStatus,
+    Event,
+    Instance,
+    Job,
+    JobStatus,
+    Result,
+    Study,
+)
 from pacs_agent.db.session import Database, record_event
 from pacs_agent.pull import PullRequest, PullWorker
 from pacs_agent.settings import Settings
@@ -156,6 +165,15 @@ def create_app(state: AgentState) -> FastAPI:
                 raise HTTPException(status_code=409, detail=f"job is {job.status}")
             job.status = JobStatus.PENDING.value
             job.error = None
+            # Failed deliveries get a fresh set of attempts.
+            s.execute(
+                update(Delivery)
+                .where(
+                    Delivery.result_id.in_(select(Result.id).where(Result.job_id == job.id)),
+                    Delivery.status == DeliveryStatus.FAILED.value,
+                )
+                .values(status=DeliveryStatus.PENDING.value, attempts=0, next_attempt_at=None)
+            )
             record_event(
                 s, "job.retry", "retry requested by an admin", study_id=job.study_id, job_id=job.id
             )

@@ -1,0 +1,381 @@
+"""DICOMweb STOW-RS door (PS3.18 10.5): ``POST /dicomweb/studies[/{study}]``.
+
+The request body is ``multipart/related; type="application/dicom"``. It is read as a stream: one
+part is held in memory at a time, and each part goes through the same ingest as a C-STORE
+(``parse_part10`` then ``Ingestor.ingest``) as soon as its closing delimiter has arrived. The
+answer is the Store Instances Response Module as ``application/dicom+json``: stored instances in
+ReferencedSOPSequence, refused ones in FailedSOPSequence with the DIMSE status as FailureReason.
+
+HTTP status: 200 all stored, 202 some stored, 409 none stored, 415 not multipart/related of
+application/dicom, 400 a body that is not a multipart message (no part could be delimited).
+Parts already stored stay stored when a later part of the same body turns out to be broken: a
+re-send is idempotent (same bytes, same SOP Instance UID).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from email.message import Message
+from typing import Any
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import JSONResponse, Response
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+from starlette.concurrency import run_in_threadpool
+
+from pacs_agent.dicom_facts import (
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_DATASET_MISMATCH,
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_PROCESSING_FAILURE,
+    RejectedDataset,
+)
+from pacs_agent.dimse.scp import TRANSFER_SYNTAXES
+from pacs_agent.ingest import Ingestor, parse_part10
+
+log = logging.getLogger(__name__)
+
+router = APIRouter()
+
+DICOM_JSON = "application/dicom+json"
+# A part larger than this is refused (0xA700) and its bytes are skipped, never held.
+MAX_PART_BYTES = 1 << 30
+MAX_HEADER_BYTES = 16 * 1024
+# PS3.18 Table 10.5.3-... / PS3.4 B.2.3: Referenced Transfer Syntax not supported.
+STATUS_TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
+_SUPPORTED_TS = frozenset(str(ts) for ts in TRANSFER_SYNTAXES)
+
+
+# --- multipart/related, streamed --------------------------------------------------------------
+
+
+class MalformedMultipart(ValueError):
+    """The body is not a well-formed multipart message for the announced boundary."""
+
+
+@dataclass
+class Part:
+    headers: dict[str, str]
+    body: bytes = b""
+    # Set when the part cannot be stored whatever its content: (DIMSE status, reason).
+    refused: tuple[int, str] | None = None
+
+
+@dataclass
+class _PartInProgress:
+    headers: dict[str, str]
+    chunks: list[bytes] = field(default_factory=list)
+    size: int = 0
+    oversized: bool = False
+
+
+class MultipartReader:
+    """Incremental RFC 2046 multipart parser: ``feed`` bytes, get back the parts completed.
+
+    Only the current part is held (up to ``max_part_bytes``; beyond that its bytes are dropped
+    and the part comes back refused with 0xA700). Preamble and epilogue are ignored.
+    """
+
+    _PREAMBLE, _AFTER_DELIMITER, _HEADERS, _BODY, _END = range(5)
+
+    def __init__(self, boundary: str, max_part_bytes: int = MAX_PART_BYTES) -> None:
+        if not 1 <= len(boundary) <= 70:
+            raise MalformedMultipart("boundary must be 1 to 70 characters")
+        self._delim = b"\r\n--" + boundary.encode("latin-1")
+        # A delimiter at the very start of the body has no CRLF before it: pretend it had one.
+        self._buf = bytearray(b"\r\n")
+        self._state = self._PREAMBLE
+        self._part: _PartInProgress | None = None
+        self._max = max_part_bytes
+        self.parts_seen = 0
+
+    @property
+    def finished(self) -> bool:
+        return self._state == self._END
+
+    def feed(self, data: bytes) -> list[Part]:
+        if self._state == self._END:
+            return []  # epilogue
+        self._buf += data
+        done: list[Part] = []
+        while True:
+            if self._state == self._PREAMBLE:
+                i = self._buf.find(self._delim)
+                if i < 0:
+                    keep = len(self._delim) - 1
+                    if len(self._buf) > keep:
+                        del self._buf[: len(self._buf) - keep]
+                    return done
+                del self._buf[: i + len(self._delim)]
+                self._state = self._AFTER_DELIMITER
+            elif self._state == self._AFTER_DELIMITER:
+                if len(self._buf) < 2:
+                    return done
+                if self._buf[:2] == b"--":
+                    self._state = self._END
+                    self._buf.clear()
+                    return done
+                # Transport padding (linear white space) may follow a delimiter, then CRLF.
+                j = 0
+                while j < len(self._buf) and self._buf[j] in b" \t":
+                    j += 1
+                if len(self._buf) < j + 2:
+                    if j > 1000:
+                        raise MalformedMultipart("endless padding after a boundary delimiter")
+                    return done
+                if self._buf[j : j + 2] != b"\r\n":
+                    raise MalformedMultipart("boundary delimiter not followed by CRLF or --")
+                del self._buf[: j + 2]
+                self._state = self._HEADERS
+            elif self._state == self._HEADERS:
+                if self._buf[:2] == b"\r\n":
+                    header_block, cut = b"", 2
+                else:
+                    i = self._buf.find(b"\r\n\r\n")
+                    if i < 0:
+                        if len(self._buf) > MAX_HEADER_BYTES:
+                            raise MalformedMultipart("part headers too long or not terminated")
+                        return done
+                    header_block, cut = bytes(self._buf[:i]), i + 4
+                del self._buf[:cut]
+                self._part = _PartInProgress(_parse_headers(header_block))
+                self._state = self._BODY
+            elif self._state == self._BODY:
+                assert self._part is not None
+                i = self._buf.find(self._delim)
+                if i < 0:
+                    # Keep a tail that could be the start of a delimiter split across chunks.
+                    n = len(self._buf) - (len(self._delim) - 1)
+                    if n > 0:
+                        self._take(bytes(self._buf[:n]))
+                        del self._buf[:n]
+                    return done
+                self._take(bytes(self._buf[:i]))
+                del self._buf[: i + len(self._delim)]
+                done.append(self._finish_part())
+                self._state = self._AFTER_DELIMITER
+
+    def close(self) -> None:
+        """The body has ended: raise MalformedMultipart unless the close delimiter was seen."""
+        if self._state == self._END:
+            return
+        if self._state == self._PREAMBLE and self.parts_seen == 0:
+            raise MalformedMultipart("no boundary delimiter found in the body")
+        raise MalformedMultipart("body ended before the closing boundary delimiter")
+
+    def _take(self, data: bytes) -> None:
+        part = self._part
+        assert part is not None
+        part.size += len(data)
+        if part.oversized:
+            return
+        if part.size > self._max:
+            part.oversized = True
+            part.chunks.clear()
+            return
+        if data:
+            part.chunks.append(data)
+
+    def _finish_part(self) -> Part:
+        part = self._part
+        assert part is not None
+        self._part = None
+        self.parts_seen += 1
+        if part.oversized:
+            return Part(
+                part.headers,
+                refused=(
+                    STATUS_OUT_OF_RESOURCES,
+                    f"part of {part.size} bytes is over the {self._max} byte limit",
+                ),
+            )
+        body = b"".join(part.chunks)
+        part.chunks.clear()
+        return Part(part.headers, body)
+
+
+def _parse_headers(block: bytes) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for line in block.decode("latin-1").split("\r\n"):
+        if not line.strip():
+            continue
+        if line[0] in " \t" and headers:  # obsolete line folding
+            last = next(reversed(headers))
+            headers[last] += " " + line.strip()
+            continue
+        name, sep, value = line.partition(":")
+        if not sep or not name.strip():
+            raise MalformedMultipart("malformed part header line")
+        headers[name.strip().lower()] = value.strip()
+    return headers
+
+
+def _media_type(value: str) -> tuple[str, dict[str, str]]:
+    msg = Message()
+    msg["content-type"] = value
+    params = {k.lower(): str(v) for k, v in (msg.get_params() or [])[1:]}
+    return msg.get_content_type(), params
+
+
+# --- storing the parts -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PartOutcome:
+    sop_class_uid: str | None
+    sop_instance_uid: str | None
+    failure: int | None = None  # DIMSE status; None means stored
+    reason: str = ""
+
+
+def _store_part(ingestor: Ingestor, part: Part, study_uid: str | None) -> PartOutcome:
+    sop_class: str | None = None
+    sop_uid: str | None = None
+    try:
+        if part.refused is not None:
+            raise RejectedDataset(*part.refused)
+        declared = part.headers.get("content-type")
+        if declared is not None and _media_type(declared)[0] != "application/dicom":
+            raise RejectedDataset(
+                STATUS_CANNOT_UNDERSTAND, f"part media type {declared!r} is not application/dicom"
+            )
+        ds = parse_part10(part.body)
+        sop_class = _uid_or_none(ds, "SOPClassUID")
+        sop_uid = _uid_or_none(ds, "SOPInstanceUID")
+        ts = UID(str(ds.file_meta.TransferSyntaxUID).strip().rstrip("\x00"))
+        if str(ts) not in _SUPPORTED_TS:
+            raise RejectedDataset(
+                STATUS_TRANSFER_SYNTAX_NOT_SUPPORTED, f"transfer syntax {ts} is not accepted"
+            )
+        if study_uid is not None and _uid_or_none(ds, "StudyInstanceUID") != study_uid:
+            raise RejectedDataset(
+                STATUS_DATASET_MISMATCH, "instance of another study than the one in the URL"
+            )
+        ingestor.ingest(part.body, ds, ts, source="stow")
+        return PartOutcome(sop_class, sop_uid)
+    except RejectedDataset as exc:
+        log.warning("STOW-RS refused sop=%s: 0x%04X %s", sop_uid, exc.status, exc.reason)
+        return PartOutcome(sop_class, sop_uid, exc.status, exc.reason)
+    except Exception:
+        log.exception("STOW-RS failed sop=%s", sop_uid)
+        return PartOutcome(sop_class, sop_uid, STATUS_PROCESSING_FAILURE, "processing failure")
+
+
+def _uid_or_none(ds: Dataset, keyword: str) -> str | None:
+    try:
+        value = ds.get(keyword)
+    except Exception:
+        return None
+    if value is None:
+        return None
+    text = str(value).strip().rstrip("\x00")
+    return text or None
+
+
+def _response_dataset(outcomes: list[PartOutcome], base_url: str) -> dict[str, Any]:
+    ds = Dataset()
+    stored = [o for o in outcomes if o.failure is None]
+    failed = [o for o in outcomes if o.failure is not None]
+    if stored:
+        items = []
+        for o in stored:
+            item = Dataset()
+            item.ReferencedSOPClassUID = o.sop_class_uid
+            item.ReferencedSOPInstanceUID = o.sop_instance_uid
+            # The agent serves the stored Part 10 file here (bearer token when one is set).
+            item.RetrieveURL = f"{base_url}/api/instances/{o.sop_instance_uid}"
+            items.append(item)
+        ds.ReferencedSOPSequence = items
+    if failed:
+        items = []
+        for o in failed:
+            item = Dataset()
+            # Type 1 in PS3.18, but unknowable for a part that is not DICOM: left empty then.
+            item.ReferencedSOPClassUID = _valid_uid(o.sop_class_uid)
+            item.ReferencedSOPInstanceUID = _valid_uid(o.sop_instance_uid)
+            item.FailureReason = o.failure
+            items.append(item)
+        ds.FailedSOPSequence = items
+    return ds.to_json_dict()
+
+
+def _valid_uid(value: str | None) -> str | None:
+    if value is None or len(value) > 64 or not all(c.isdigit() or c == "." for c in value):
+        return None
+    return value
+
+
+# --- the endpoint ------------------------------------------------------------------------------
+
+
+def require_token(request: Request) -> None:
+    token = request.app.state.agent.settings.api_token
+    if token and request.headers.get("authorization") != f"Bearer {token}":
+        raise HTTPException(
+            status_code=401,
+            detail="missing or wrong API token",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+def _boundary_of(content_type: str | None) -> str:
+    if not content_type:
+        raise HTTPException(415, detail='expected multipart/related; type="application/dicom"')
+    media, params = _media_type(content_type)
+    if media != "multipart/related":
+        raise HTTPException(415, detail=f"expected multipart/related, not {media}")
+    part_type = params.get("type")
+    if part_type is not None and _media_type(part_type)[0] != "application/dicom":
+        raise HTTPException(
+            415, detail=f'only type="application/dicom" is accepted, not {part_type!r}'
+        )
+    boundary = params.get("boundary")
+    if not boundary:
+        raise HTTPException(400, detail="multipart/related without a boundary parameter")
+    return boundary
+
+
+async def _stow(request: Request, study_uid: str | None) -> Response:
+    state = request.app.state.agent
+    try:
+        reader = MultipartReader(_boundary_of(request.headers.get("content-type")))
+    except MalformedMultipart as exc:
+        raise HTTPException(400, detail=str(exc)) from None
+    ingestor = Ingestor(
+        state.db, state.store, min_free_bytes=state.settings.min_free_disk_mb * 1024 * 1024
+    )
+    outcomes: list[PartOutcome] = []
+    try:
+        async for chunk in request.stream():
+            for part in reader.feed(chunk):
+                outcomes.append(await run_in_threadpool(_store_part, ingestor, part, study_uid))
+        reader.close()
+    except MalformedMultipart as exc:
+        if not outcomes:
+            raise HTTPException(400, detail=f"malformed multipart body: {exc}") from None
+        # What came before the break is stored; the broken tail is reported as one failure.
+        log.warning("STOW-RS body broken after %d parts: %s", len(outcomes), exc)
+        outcomes.append(PartOutcome(None, None, STATUS_CANNOT_UNDERSTAND, str(exc)))
+    if not outcomes:
+        raise HTTPException(400, detail="multipart body without parts")
+    n_failed = sum(1 for o in outcomes if o.failure is not None)
+    status = 200 if n_failed == 0 else 409 if n_failed == len(outcomes) else 202
+    log.info("STOW-RS: %d stored, %d refused", len(outcomes) - n_failed, n_failed)
+    # The configured public address when there is one: clients' Host headers are not reliable
+    # (dicomweb-client sends the host name without the port).
+    base = (state.settings.agent_url or str(request.base_url)).rstrip("/")
+    return JSONResponse(
+        _response_dataset(outcomes, base), status_code=status, media_type=DICOM_JSON
+    )
+
+
+@router.post("/dicomweb/studies", dependencies=[Depends(require_token)])
+async def stow_studies(request: Request) -> Response:
+    return await _stow(request, None)
+
+
+@router.post("/dicomweb/studies/{study_uid}", dependencies=[Depends(require_token)])
+async def stow_study(study_uid: str, request: Request) -> Response:
+    return await _stow(request, study_uid)
