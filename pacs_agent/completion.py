@@ -29,7 +29,13 @@ from pacs_agent.db.models import (
 )
 from pacs_agent.db.session import Database, record_event
 from pacs_agent.queue import TASK_DELIVER_JOB, enqueue_job
-from pacs_agent.routing import decide, study_facts
+from pacs_agent.routing import (
+    complete_early,
+    completion_for,
+    decide,
+    matching_rule,
+    study_facts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +51,14 @@ class CompletionLoop:
         poll_s: float = 0.5,
         delivery_lease_s: float = 300.0,
         stale_job_s: float = 1800.0,
+        quiet_period_by_ae: dict[str, float] | None = None,
+        complete_on_release_aes: list[str] | None = None,
     ) -> None:
         self.db = db
         self.celery = celery
         self.quiet = dt.timedelta(seconds=quiet_period_s)
+        self.quiet_by_ae = dict(quiet_period_by_ae or {})
+        self.release_aes = set(complete_on_release_aes or [])
         self.default_destinations = default_destinations
         self.poll_s = poll_s
         self._stop = threading.Event()
@@ -59,21 +69,56 @@ class CompletionLoop:
 
     # One pass ---------------------------------------------------------------------------------
 
-    def complete_quiet_studies(self) -> list[int]:
-        cutoff = utcnow() - self.quiet
-        with self.db.session() as s:
-            candidates = s.execute(
-                select(Study.id, Study.version).where(
-                    Study.status == StudyStatus.RECEIVING.value, Study.last_received_at < cutoff
-                )
-            ).all()
-        done = []
-        for study_id, version in candidates:
-            if self._complete(study_id, version):
-                done.append(study_id)
-        return done
+    def quiet_period_for(self, calling_ae: str | None, rule_quiet: float | None) -> dt.timedelta:
+        if rule_quiet is not None:
+            return dt.timedelta(seconds=rule_quiet)
+        if calling_ae and calling_ae in self.quiet_by_ae:
+            return dt.timedelta(seconds=self.quiet_by_ae[calling_ae])
+        return self.quiet
 
-    def _complete(self, study_id: int, version: int) -> bool:
+    def complete_quiet_studies(self) -> list[int]:
+        """Complete every receiving study whose rule's condition or quiet period is met."""
+        now = utcnow()
+        ready: list[tuple[int, int, str]] = []
+        with self.db.session() as s:
+            receiving = list(
+                s.scalars(select(Study).where(Study.status == StudyStatus.RECEIVING.value))
+            )
+            rules = list(s.scalars(select(Rule))) if receiving else []
+            for study in receiving:
+                facts = study_facts(s, study)
+                completion = completion_for(matching_rule(rules, facts))
+                early = complete_early(completion, facts)
+                if early:
+                    ready.append((study.id, study.version, early))
+                    continue
+                quiet = self.quiet_period_for(study.calling_ae, completion.quiet_period_s)
+                last = study.last_received_at
+                if last.tzinfo is None:  # SQLite returns naive datetimes (stored as UTC)
+                    last = last.replace(tzinfo=dt.UTC)
+                if last <= now - quiet:
+                    ready.append(
+                        (study.id, study.version, f"quiet for {quiet.total_seconds():g} s")
+                    )
+        return [sid for sid, version, why in ready if self._complete(sid, version, why)]
+
+    def association_released(self, study_uids: set[str], calling_ae: str) -> None:
+        """A sender released its association: complete its studies now where configured."""
+        for uid in study_uids:
+            with self.db.session() as s:
+                study = s.scalar(select(Study).where(Study.study_instance_uid == uid))
+                if study is None or study.status != StudyStatus.RECEIVING.value:
+                    continue
+                rule = matching_rule(list(s.scalars(select(Rule))), study_facts(s, study))
+                wanted = (
+                    calling_ae in self.release_aes or completion_for(rule).on_association_release
+                )
+                if not wanted:
+                    continue
+                version = study.version
+            self._complete(study.id, version, f"association from {calling_ae} released")
+
+    def _complete(self, study_id: int, version: int, why: str = "") -> bool:
         with self.db.session() as s:
             claimed = s.execute(  # type: ignore[attr-defined]
                 update(Study)
@@ -93,7 +138,7 @@ class CompletionLoop:
             record_event(
                 s,
                 "study.complete",
-                f"version {version} complete: {decision.reason}",
+                f"version {version} complete ({why}): {decision.reason}",
                 study_id=study_id,
             )
             if decision.action == "skip":

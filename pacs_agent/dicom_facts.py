@@ -76,6 +76,9 @@ class DatasetFacts:
     columns: int | None
     analysable: bool
     reason: str | None  # why it is not analysable
+    series_description: str | None = None
+    acquisition_number: int | None = None
+    images_in_acquisition: int | None = None
 
 
 def _uid(ds: Dataset, keyword: str) -> str:
@@ -131,6 +134,15 @@ def _check_pixels(ds: Dataset, transfer_syntax: UID) -> None:
             )
 
 
+def _int_or_none(ds: Dataset, keyword: str) -> int | None:
+    """A tolerant read of an IS value: invalid values are ignored, not fatal."""
+    try:
+        value = ds.get(keyword)
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
 def examine(ds: Dataset, transfer_syntax: UID) -> DatasetFacts:
     """Check a dataset and say whether it is analysable; raise RejectedDataset if not storable."""
     study_uid = _uid(ds, "StudyInstanceUID")
@@ -161,6 +173,9 @@ def examine(ds: Dataset, transfer_syntax: UID) -> DatasetFacts:
     if analysable and not transfer_syntax.is_encapsulated and transfer_syntax.is_deflated:
         pass  # deflate is decoded by pydicom on read
     return DatasetFacts(
+        series_description=(str(ds.get("SeriesDescription", "") or "")[:64] or None),
+        acquisition_number=_int_or_none(ds, "AcquisitionNumber"),
+        images_in_acquisition=_int_or_none(ds, "ImagesInAcquisition"),
         study_uid=study_uid,
         series_uid=series_uid,
         sop_uid=sop_uid,

@@ -131,13 +131,15 @@ class Ingestor:
                 )
             existing = s.scalar(select(Instance).where(Instance.sop_instance_uid == facts.sop_uid))
             if existing is not None:
-                if stored.outcome == "conflict":
+                if existing.sha256 != stored.sha256:
+                    # Same SOP Instance UID, other content (or another study): keep the first,
+                    # keep the new bytes aside, and say so where an admin looks.
                     record_event(
                         s,
                         "instance.conflict",
                         f"SOP Instance {facts.sop_uid} re-sent with different content; "
                         f"kept the first, new bytes at {stored.relpath}",
-                        study_id=study.id,
+                        study_id=existing.study_id,
                         level="warning",
                     )
                 return study.id
@@ -167,6 +169,7 @@ class Ingestor:
                     series_instance_uid=facts.series_uid,
                     modality=facts.modality,
                     body_part=facts.body_part,
+                    description=facts.series_description,
                 )
                 s.add(series)
                 s.flush()
@@ -186,6 +189,8 @@ class Ingestor:
                     reason=facts.reason,
                     study_version=study.version,
                     received_at=now,
+                    acquisition_number=facts.acquisition_number,
+                    images_in_acquisition=facts.images_in_acquisition,
                 )
             )
             study.last_received_at = now

@@ -48,6 +48,26 @@ class RuleConditions(BaseModel):
         )
 
 
+class Completion(BaseModel):
+    """When a study that a rule takes counts as complete (all optional; any met condition wins).
+
+    - ``quiet_period_s``: seconds without a new instance (else the calling AE's or the default);
+    - ``expected_instances``: complete as soon as the study version holds this many instances;
+    - ``required_series``: complete as soon as series with these Series Descriptions arrived;
+    - ``images_in_acquisition``: complete when every acquisition that states Images in
+      Acquisition (0020,1002) holds that many images;
+    - ``on_association_release``: complete when the association that sent it is released.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    quiet_period_s: float | None = None
+    expected_instances: int | None = None
+    required_series: list[str] | None = None
+    images_in_acquisition: bool = False
+    on_association_release: bool = False
+
+
 @dataclass(frozen=True)
 class StudyFacts:
     modalities: set[str]
@@ -57,6 +77,10 @@ class StudyFacts:
     source: str
     analysable_count: int
     not_analysable_reasons: list[str]
+    instance_count: int = 0
+    series_descriptions: frozenset[str] = frozenset()
+    # True when every acquisition that states Images in Acquisition holds that many images.
+    acquisitions_complete: bool = False
 
 
 @dataclass(frozen=True)
@@ -77,10 +101,21 @@ def study_facts(s: Session, study: Study) -> StudyFacts:
             Instance.sop_class_uid,
             Instance.analysable,
             Instance.reason,
+            Series.series_instance_uid,
+            Instance.acquisition_number,
+            Instance.images_in_acquisition,
+            Series.description,
         )
         .join(Instance, Instance.series_id == Series.id)
         .where(Instance.study_id == study.id, Instance.study_version == study.version)
     ).all()
+    counts: dict[tuple[str, int | None], int] = {}
+    expected: dict[tuple[str, int | None], int] = {}
+    for r in rows:
+        key = (r[5], r[6])
+        counts[key] = counts.get(key, 0) + 1
+        if r[7]:
+            expected[key] = max(expected.get(key, 0), int(r[7]))
     return StudyFacts(
         modalities={r[0] for r in rows if r[0]},
         body_parts={r[1] for r in rows if r[1]},
@@ -89,7 +124,35 @@ def study_facts(s: Session, study: Study) -> StudyFacts:
         source=study.source,
         analysable_count=sum(1 for r in rows if r[3]),
         not_analysable_reasons=sorted({r[4] for r in rows if not r[3] and r[4]}),
+        instance_count=len(rows),
+        series_descriptions=frozenset(r[8] for r in rows if r[8]),
+        acquisitions_complete=bool(expected)
+        and all(counts.get(k, 0) >= n for k, n in expected.items()),
     )
+
+
+def matching_rule(rules: Sequence[Rule], facts: StudyFacts) -> Rule | None:
+    for rule in sorted(rules, key=lambda r: (r.priority, r.id or 0)):
+        if rule.enabled and RuleConditions.model_validate(rule.conditions or {}).matches(facts):
+            return rule
+    return None
+
+
+def completion_for(rule: Rule | None) -> Completion:
+    return Completion.model_validate((rule.completion if rule else None) or {})
+
+
+def complete_early(c: Completion, facts: StudyFacts) -> str | None:
+    """The reason a study is complete before its quiet period ends, or None."""
+    if c.expected_instances and facts.instance_count >= c.expected_instances:
+        return f"expected count reached ({facts.instance_count})"
+    if c.required_series and {x.upper() for x in c.required_series} <= {
+        d.upper() for d in facts.series_descriptions
+    }:
+        return "required series arrived"
+    if c.images_in_acquisition and facts.acquisitions_complete:
+        return "Images in Acquisition reached"
+    return None
 
 
 def decide(
@@ -98,12 +161,8 @@ def decide(
     if facts.analysable_count == 0:
         why = "; ".join(facts.not_analysable_reasons) or "no instances"
         return Decision("skip", f"no analysable images ({why})")
-    for rule in sorted(rules, key=lambda r: (r.priority, r.id or 0)):
-        if not rule.enabled:
-            continue
-        conditions = RuleConditions.model_validate(rule.conditions or {})
-        if not conditions.matches(facts):
-            continue
+    rule = matching_rule(rules, facts)
+    if rule is not None:
         if rule.action == "skip":
             return Decision("skip", f"rule '{rule.name}' skips it", rule_name=rule.name)
         return Decision(

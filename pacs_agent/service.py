@@ -69,6 +69,8 @@ class Agent:
             poll_s=settings.completion_poll_s,
             delivery_lease_s=settings.delivery_backoff_max_s,
             stale_job_s=settings.task_time_limit_s + 120,
+            quiet_period_by_ae=settings.quiet_period_by_ae,
+            complete_on_release_aes=settings.complete_on_release_aes,
         )
         self.puller = PullWorker(settings, self.db, self.ingestor)
         self.scp: ThreadedAssociationServer | None = None
@@ -77,7 +79,9 @@ class Agent:
 
     def start(self) -> None:
         self.puller.start()
-        self.scp = start_scp(self.settings, self.ingestor)
+        self.scp = start_scp(
+            self.settings, self.ingestor, on_release=self.completion.association_released
+        )
         state = AgentState(
             settings=self.settings,
             db=self.db,

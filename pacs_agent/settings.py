@@ -81,6 +81,10 @@ class Settings(BaseSettings):
     # Study completion: seconds without a new instance before a study counts as complete.
     quiet_period_s: float = 3.0
     completion_poll_s: float = 0.5
+    # Per calling AE: its own quiet period (JSON object, e.g. {"CR_ROOM1": 1.5}).
+    quiet_period_by_ae: dict[str, float] = Field(default_factory=dict)
+    # Calling AEs that send a whole study in one association: complete on its release.
+    complete_on_release_aes: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # Orthanc webhook: HMAC-SHA256 shared secret and replay window.
     webhook_secret: str = DEV_WEBHOOK_SECRET
@@ -123,7 +127,7 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, _ConfigFileSource(settings_cls), file_secret_settings)
 
-    @field_validator("allowed_calling_aes", mode="before")
+    @field_validator("allowed_calling_aes", "complete_on_release_aes", mode="before")
     @classmethod
     def _split_aes(cls, v: Any) -> Any:
         if isinstance(v, str):

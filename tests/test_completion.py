@@ -184,3 +184,150 @@ def test_parse_rejects_garbage() -> None:
             parse_part10(data)
         assert exc.value.status == 0xC210
     assert dcmread(sample_path("RG3_J2KR.dcm")).Modality
+
+
+def _loop(tmp: Path, database_url: str, broker_url: str, **kw: object) -> CompletionLoop:
+    settings = Settings(data_dir=tmp, database_url=database_url, broker_url=broker_url)
+    return CompletionLoop(
+        Database(database_url),
+        make_celery(settings),
+        quiet_period_s=3600,
+        default_destinations=[],
+        **kw,
+    )  # type: ignore[arg-type]
+
+
+def _status(db: Database, uid: str) -> str:
+    with db.session() as s:
+        st = s.scalar(select(Study).where(Study.study_instance_uid == uid))
+        assert st is not None
+        return st.status
+
+
+def test_expected_count_and_required_series_complete_without_waiting(
+    tmp_path: Path, database_url: str, broker_url: str
+) -> None:
+    db, ingestor, _ = _setup(tmp_path, database_url, broker_url)
+    loop = _loop(tmp_path, database_url, broker_url)  # quiet period: an hour
+    with db.session() as s:
+        s.add(
+            Rule(
+                name="two-views",
+                priority=1,
+                conditions={"modalities": ["CR"]},
+                completion={"expected_instances": 2},
+            )
+        )
+        s.add(
+            Rule(
+                name="needs-lateral",
+                priority=2,
+                conditions={"modalities": ["DX", "OT"]},
+                completion={"required_series": ["LAT"]},
+            )
+        )
+    uid = _ingest(ingestor, "RG1_J2KR.dcm")
+    loop.run_once()
+    assert _status(db, uid) == "receiving"
+    _ingest(ingestor, "RG3_J2KR.dcm", StudyInstanceUID=uid, Modality="CR")
+    loop.run_once()
+    assert _status(db, uid) == "queued"  # second instance: expected count reached at once
+
+    other = _ingest(
+        ingestor,
+        "RG3_J2KR.dcm",
+        StudyInstanceUID=generate_uid(),
+        Modality="DX",
+        SeriesDescription="PA",
+    )
+    loop.run_once()
+    assert _status(db, other) == "receiving"
+    _ingest(
+        ingestor,
+        "RG1_J2KR.dcm",
+        StudyInstanceUID=other,
+        Modality="DX",
+        SeriesInstanceUID=generate_uid(),
+        SOPInstanceUID=generate_uid(),
+        SeriesDescription="LAT",
+    )
+    loop.run_once()
+    assert _status(db, other) == "queued"
+
+
+def test_images_in_acquisition_completes(
+    tmp_path: Path, database_url: str, broker_url: str
+) -> None:
+    db, ingestor, _ = _setup(tmp_path, database_url, broker_url)
+    loop = _loop(tmp_path, database_url, broker_url)
+    with db.session() as s:
+        s.add(Rule(name="iia", conditions={}, completion={"images_in_acquisition": True}))
+    uid = _ingest(ingestor, "RG1_J2KR.dcm", ImagesInAcquisition="2", AcquisitionNumber="1")
+    loop.run_once()
+    assert _status(db, uid) == "receiving"
+    _ingest(
+        ingestor,
+        "RG3_J2KR.dcm",
+        StudyInstanceUID=uid,
+        ImagesInAcquisition="2",
+        AcquisitionNumber="1",
+        SeriesInstanceUID=dcmread(
+            sample_path("RG1_J2KR.dcm"), stop_before_pixels=True
+        ).SeriesInstanceUID,
+    )
+    loop.run_once()
+    assert _status(db, uid) == "queued"
+
+
+def test_quiet_period_per_calling_ae(tmp_path: Path, database_url: str, broker_url: str) -> None:
+    db, ingestor, _ = _setup(tmp_path, database_url, broker_url)
+    fast = _loop(tmp_path, database_url, broker_url, quiet_period_by_ae={"MOD": 0.0})
+    uid = _ingest(ingestor, "RG3_J2KR.dcm")  # sent by calling AE "MOD"
+    fast.run_once()
+    assert _status(db, uid) == "queued"
+
+
+def test_complete_on_association_release(
+    tmp_path: Path, database_url: str, broker_url: str
+) -> None:
+    """A sender that sends whole studies per association: complete as soon as it releases."""
+    import time
+
+    from pacs_agent.dimse.scp import start_scp
+    from tests.conftest import storescu
+
+    db, ingestor, _ = _setup(tmp_path, database_url, broker_url)
+    loop = _loop(tmp_path, database_url, broker_url, complete_on_release_aes=["WHOLESTUDY"])
+    settings = Settings(data_dir=tmp_path, dicom_port=free_port(), dicom_host="127.0.0.1")
+    server = start_scp(settings, ingestor, on_release=loop.association_released)
+    try:
+        res = storescu(settings.dicom_port, sample_path("RG3_J2KR.dcm"), aet="WHOLESTUDY")
+        assert res.returncode == 0, res.stderr
+        uid = str(dcmread(sample_path("RG3_J2KR.dcm"), stop_before_pixels=True).StudyInstanceUID)
+        end = time.monotonic() + 10
+        while _status(db, uid) != "queued":
+            assert time.monotonic() < end, "not completed on release"
+            time.sleep(0.1)
+        # Another sender's study waits for its quiet period.
+        other = storescu(settings.dicom_port, sample_path("RG1_J2KR.dcm"), aet="OTHERMOD")
+        assert other.returncode == 0
+        time.sleep(1)
+        uid2 = str(dcmread(sample_path("RG1_J2KR.dcm"), stop_before_pixels=True).StudyInstanceUID)
+        assert _status(db, uid2) == "receiving"
+    finally:
+        server.shutdown()
+
+
+def test_migrations_match_models(database_url: str) -> None:
+    """The Alembic history produces exactly the schema the models describe."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+    from sqlalchemy import create_engine
+
+    from pacs_agent.db.models import Base
+
+    eng = create_engine(database_url)
+    with eng.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    eng.dispose()
+    assert diff == []

@@ -213,3 +213,39 @@ def test_study_rows_link_instances(listener: Listener) -> None:
         studies = list(s.scalars(select(Study)))
     assert {st.status for st in studies} == {"receiving"}
     assert sum(1 for _ in listener.instances()) == 2
+
+
+def test_same_uid_different_bytes_is_a_recorded_conflict(
+    listener: Listener, tmp_path: Path
+) -> None:
+    from pacs_agent.db.models import Event
+
+    src = sample_path("RG3_J2KR.dcm")
+    assert storescu(listener.port, src).returncode == 0
+    ds = dcmread(src)
+    ds.ImageComments = "changed after sending"
+    ds.save_as(tmp_path / "changed.dcm")
+    assert storescu(listener.port, tmp_path / "changed.dcm").returncode == 0
+    [inst] = listener.instances()
+    first = listener.store.path_for(inst.path)
+    assert dcmread(first).get("ImageComments") != "changed after sending"  # first kept
+    conflicts = list(first.parent.glob("*.conflict-*.dcm"))
+    assert len(conflicts) == 1 and dcmread(conflicts[0]).ImageComments == "changed after sending"
+    with listener.db.session() as s:
+        kinds = [e.kind for e in s.scalars(select(Event))]
+    assert "instance.conflict" in kinds
+
+
+def test_disk_nearly_full_answers_out_of_resources(tmp_path: Path, database_url: str) -> None:
+    lst = Listener(tmp_path, database_url)
+    lst.server.shutdown()
+    # The same listener, with a free-space floor above what any disk has.
+    lst.server = start_scp(lst.settings, Ingestor(lst.db, lst.store, min_free_bytes=1 << 60))
+    try:
+        out = _status_of(storescu(lst.port, sample_path("RG3_J2KR.dcm")))
+        assert "OutOfResources" in out, out
+        assert lst.instances() == []
+        assert not any(lst.store.root.rglob("*.dcm"))
+        _assert_still_serving(lst)
+    finally:
+        lst.stop()

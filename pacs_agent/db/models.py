@@ -80,6 +80,8 @@ class Study(Base):
     first_received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     completed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # Set when the retention policy removed the study's instance files.
+    purged_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
     series: Mapped[list[Series]] = relationship(back_populates="study")
     jobs: Mapped[list[Job]] = relationship(back_populates="study")
@@ -93,6 +95,7 @@ class Series(Base):
     series_instance_uid: Mapped[str] = mapped_column(UID, unique=True, index=True)
     modality: Mapped[str | None] = mapped_column(String(16))
     body_part: Mapped[str | None] = mapped_column(String(64))
+    description: Mapped[str | None] = mapped_column(String(64))
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
@@ -116,6 +119,9 @@ class Instance(Base):
     reason: Mapped[str | None] = mapped_column(Text)  # why not analysable
     study_version: Mapped[int] = mapped_column(Integer, default=1)
     received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Images in Acquisition (0020,1002) and Acquisition Number: an expected-count completion.
+    acquisition_number: Mapped[int | None] = mapped_column(Integer)
+    images_in_acquisition: Mapped[int | None] = mapped_column(Integer)
 
     series: Mapped[Series] = relationship(back_populates="instances")
 
@@ -135,6 +141,8 @@ class Rule(Base):
     pipeline: Mapped[str] = mapped_column(String(128), default="default")
     triage_priority: Mapped[int] = mapped_column(Integer, default=5)  # Celery priority 0..9
     destinations: Mapped[list[str]] = mapped_column(JSON, default=list)
+    # How studies this rule takes are known to be complete; see pacs_agent.routing.Completion.
+    completion: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class Destination(Base):

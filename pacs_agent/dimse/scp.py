@@ -7,7 +7,8 @@ Each failure stage has its own status (see pacs_agent.dicom_facts); an escaped e
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from pydicom.uid import (
@@ -77,7 +78,38 @@ def handle_echo(event: Event) -> int:
     return 0x0000
 
 
-def handle_store(event: Event, ingestor: Ingestor) -> int:
+class ReleaseTracker:
+    """Remembers which studies each association stored, to report them when it is released."""
+
+    def __init__(self, on_release: Callable[[set[str], str], None] | None) -> None:
+        self.on_release = on_release
+        self._studies: dict[int, set[str]] = {}
+        self._lock = threading.Lock()
+
+    def stored(self, assoc: Any, study_uid: str) -> None:
+        with self._lock:
+            self._studies.setdefault(id(assoc), set()).add(study_uid)
+
+    def pop(self, assoc: Any) -> set[str]:
+        with self._lock:
+            return self._studies.pop(id(assoc), set())
+
+
+def handle_released(event: Event, tracker: ReleaseTracker) -> None:
+    studies = tracker.pop(event.assoc)
+    if studies and tracker.on_release is not None:
+        try:
+            tracker.on_release(studies, str(event.assoc.requestor.ae_title).strip())
+        except Exception:
+            log.exception("association-release completion failed")
+
+
+def handle_aborted(event: Event, tracker: ReleaseTracker) -> None:
+    # An aborted association says nothing about completeness: the quiet period decides.
+    tracker.pop(event.assoc)
+
+
+def handle_store(event: Event, ingestor: Ingestor, tracker: ReleaseTracker | None = None) -> int:
     calling_ae = str(event.assoc.requestor.ae_title).strip()
     sop_uid = "?"
     try:
@@ -88,7 +120,9 @@ def handle_store(event: Event, ingestor: Ingestor) -> int:
         ds = parse_part10(data)
         sop_uid = str(ds.get("SOPInstanceUID", "?"))
         ts = UID(str(event.context.transfer_syntax))
-        ingestor.ingest(data, ds, ts, source="dimse", calling_ae=calling_ae)
+        outcome = ingestor.ingest(data, ds, ts, source="dimse", calling_ae=calling_ae)
+        if tracker is not None:
+            tracker.stored(event.assoc, outcome.study_uid)
         return 0x0000
     except RejectedDataset as exc:
         log.warning(
@@ -115,12 +149,23 @@ def make_ae(settings: Settings) -> AE:
     return ae
 
 
-def start_scp(settings: Settings, ingestor: Ingestor) -> ThreadedAssociationServer:
-    """Start the listener in background threads and return the server (call .shutdown())."""
+def start_scp(
+    settings: Settings,
+    ingestor: Ingestor,
+    on_release: Callable[[set[str], str], None] | None = None,
+) -> ThreadedAssociationServer:
+    """Start the listener in background threads and return the server (call .shutdown()).
+
+    ``on_release(study_uids, calling_ae)`` is called when an association that stored
+    instances is released normally (not when it is aborted).
+    """
     ae = make_ae(settings)
+    tracker = ReleaseTracker(on_release)
     handlers: list[Any] = [
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [ingestor]),
+        (evt.EVT_C_STORE, handle_store, [ingestor, tracker]),
+        (evt.EVT_RELEASED, handle_released, [tracker]),
+        (evt.EVT_ABORTED, handle_aborted, [tracker]),
     ]
     server = ae.start_server(
         (settings.dicom_host, settings.dicom_port), block=False, evt_handlers=handlers
