@@ -12,6 +12,7 @@ import datetime as dt
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from celery import Celery
 from sqlalchemy import select, update
@@ -53,12 +54,17 @@ class CompletionLoop:
         stale_job_s: float = 1800.0,
         quiet_period_by_ae: dict[str, float] | None = None,
         complete_on_release_aes: list[str] | None = None,
+        housekeeping: Callable[[], object] | None = None,
+        housekeeping_every_s: float = 300.0,
     ) -> None:
         self.db = db
         self.celery = celery
         self.quiet = dt.timedelta(seconds=quiet_period_s)
         self.quiet_by_ae = dict(quiet_period_by_ae or {})
         self.release_aes = set(complete_on_release_aes or [])
+        self.housekeeping = housekeeping
+        self.housekeeping_every_s = housekeeping_every_s
+        self._next_housekeeping = 0.0
         self.default_destinations = default_destinations
         self.poll_s = poll_s
         self._stop = threading.Event()
@@ -269,6 +275,9 @@ class CompletionLoop:
         self.requeue_stale_jobs()
         self.dispatch_pending()
         self.retry_due_deliveries()
+        if self.housekeeping is not None and time.monotonic() >= self._next_housekeeping:
+            self._next_housekeeping = time.monotonic() + self.housekeeping_every_s
+            self.housekeeping()
 
     # Thread -----------------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ The caller is told "stored" only after the file is fsynced and its row committed
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import io
 import logging
 from dataclasses import dataclass
@@ -100,6 +101,14 @@ class Ingestor:
             source,
             stored.outcome,
         )
+        return IngestOutcome(facts.sop_uid, facts.study_uid, study_id, stored, facts)
+
+    def record_existing(self, relpath: str, data: bytes, ds: Dataset) -> IngestOutcome:
+        """Record a file already in the store (start-up repair after a crash)."""
+        ts = ds.file_meta.TransferSyntaxUID
+        facts = examine(ds, ts)
+        stored = StoredFile(relpath, len(data), hashlib.sha256(data).hexdigest(), "new")
+        study_id = self._record(facts, stored, ts, "repair", None, None)
         return IngestOutcome(facts.sop_uid, facts.study_uid, study_id, stored, facts)
 
     def _record(

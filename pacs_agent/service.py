@@ -26,6 +26,7 @@ from pacs_agent.http.app import AgentState, create_app
 from pacs_agent.ingest import Ingestor
 from pacs_agent.pull import PullWorker
 from pacs_agent.queue import make_celery
+from pacs_agent.repair import purge_expired, repair_store
 from pacs_agent.settings import Settings
 from pacs_agent.store import InstanceStore
 
@@ -71,6 +72,7 @@ class Agent:
             stale_job_s=settings.task_time_limit_s + 120,
             quiet_period_by_ae=settings.quiet_period_by_ae,
             complete_on_release_aes=settings.complete_on_release_aes,
+            housekeeping=lambda: purge_expired(self.db, self.store, settings.retention_days),
         )
         self.puller = PullWorker(settings, self.db, self.ingestor)
         self.scp: ThreadedAssociationServer | None = None
@@ -78,6 +80,8 @@ class Agent:
         self._http_thread: threading.Thread | None = None
 
     def start(self) -> None:
+        # Before the listener opens: index files a crash left without rows, mark lost files.
+        repair_store(self.db, self.store, self.ingestor)
         self.puller.start()
         self.scp = start_scp(
             self.settings, self.ingestor, on_release=self.completion.association_released

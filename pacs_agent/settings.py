@@ -113,6 +113,9 @@ class Settings(BaseSettings):
     parametric_map: bool = True  # float heatmap for viewers that can window it
     key_objects: bool = False  # a Key Object Selection naming images with positive findings
 
+    # Remove the instance files of finished studies after this many days (0: keep them).
+    retention_days: float = 0
+
     # Refuse C-STORE with 0xA700 when the data_dir filesystem has less free space than this.
     min_free_disk_mb: int = 500
 
