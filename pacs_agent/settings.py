@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     # Calling AE titles allowed to store; empty means any.
     allowed_calling_aes: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_pdu: int = 262_144
+    # DICOM TLS: certificate and key (PEM) turn it on; a CA file also requires client certificates.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None
 
     # HTTP (webhook, health, admin API, instance download for remote workers)
     http_host: str = "0.0.0.0"
@@ -143,6 +147,15 @@ class Settings(BaseSettings):
         if not 0 < len(v) <= 16 or "\\" in v:
             raise ValueError("AE title must be 1 to 16 characters without backslash")
         return v
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("DICOM TLS needs both PACS_AGENT_TLS_CERT_FILE and _KEY_FILE")
+        for f in (self.tls_cert_file, self.tls_key_file, self.tls_ca_file):
+            if f is not None and not f.is_file():
+                raise ValueError(f"TLS file not found: {f}")
+        return self
 
     @model_validator(mode="after")
     def _refuse_default_secret(self) -> Settings:

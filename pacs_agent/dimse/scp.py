@@ -7,6 +7,7 @@ Each failure stage has its own status (see pacs_agent.dicom_facts); an escaped e
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -149,6 +150,19 @@ def make_ae(settings: Settings) -> AE:
     return ae
 
 
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """A server TLS context from settings (TLS 1.2 or later), or None when TLS is off."""
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(settings.tls_cert_file), str(settings.tls_key_file))
+    if settings.tls_ca_file is not None:
+        ctx.load_verify_locations(str(settings.tls_ca_file))
+        ctx.verify_mode = ssl.CERT_REQUIRED  # mutual TLS: only modalities with our CA's certs
+    return ctx
+
+
 def start_scp(
     settings: Settings,
     ingestor: Ingestor,
@@ -167,9 +181,18 @@ def start_scp(
         (evt.EVT_RELEASED, handle_released, [tracker]),
         (evt.EVT_ABORTED, handle_aborted, [tracker]),
     ]
+    ctx = tls_context(settings)
     server = ae.start_server(
-        (settings.dicom_host, settings.dicom_port), block=False, evt_handlers=handlers
+        (settings.dicom_host, settings.dicom_port),
+        block=False,
+        evt_handlers=handlers,
+        ssl_context=ctx,
     )
     assert server is not None  # block=False always returns the server
-    log.info("DICOM listener %s on port %d", settings.ae_title, settings.dicom_port)
+    log.info(
+        "DICOM listener %s on port %d%s",
+        settings.ae_title,
+        settings.dicom_port,
+        " (TLS)" if ctx else "",
+    )
     return server

@@ -1,0 +1,141 @@
+"""DICOM TLS on the listener, with dcmtk's `storescu +tls` as the modality."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from pacs_agent.db.migrate import upgrade
+from pacs_agent.db.models import Instance
+from pacs_agent.db.session import Database
+from pacs_agent.dimse.scp import start_scp
+from pacs_agent.ingest import Ingestor
+from pacs_agent.settings import Settings
+from pacs_agent.store import InstanceStore
+from tests.conftest import free_port, sample_path
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A throw-away CA with a server and a client certificate."""
+    d = tmp_path_factory.mktemp("pki")
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        cwd=d,
+    )
+    for name in ("server", "client"):
+        _openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            f"/CN={name}",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            cwd=d,
+        )
+        (d / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            f"{name}.ext",
+            "-out",
+            f"{name}.crt",
+            cwd=d,
+        )
+    return d
+
+
+def _storescu_tls(port: int, pki: Path, *tls: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            "storescu",
+            "-v",
+            *tls,
+            "-aec",
+            "PACSAGENT",
+            "-xv",
+            "127.0.0.1",
+            str(port),
+            str(sample_path("RG3_J2KR.dcm")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_tls_listener_with_client_certificates(tmp_path: Path, pki: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'tls.db'}"
+    upgrade(url)
+    settings = Settings(
+        data_dir=tmp_path,
+        dicom_port=free_port(),
+        dicom_host="127.0.0.1",
+        tls_cert_file=pki / "server.crt",
+        tls_key_file=pki / "server.key",
+        tls_ca_file=pki / "ca.crt",
+    )
+    db = Database(url)
+    server = start_scp(settings, Ingestor(db, InstanceStore(settings.instance_dir)))
+    try:
+        plain = _storescu_tls(settings.dicom_port, pki)
+        assert plain.returncode != 0  # no TLS: refused
+        no_cert = _storescu_tls(settings.dicom_port, pki, "+tla", "+cf", str(pki / "ca.crt"))
+        assert no_cert.returncode != 0  # TLS without a client certificate: refused
+        ok = _storescu_tls(
+            settings.dicom_port,
+            pki,
+            "+tls",
+            str(pki / "client.key"),
+            str(pki / "client.crt"),
+            "+cf",
+            str(pki / "ca.crt"),
+        )
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        with db.session() as s:
+            assert len(list(s.scalars(select(Instance)))) == 1
+    finally:
+        server.shutdown()
+        db.dispose()
+
+
+def test_tls_settings_are_checked(tmp_path: Path, pki: Path) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="both"):
+        Settings(tls_cert_file=pki / "server.crt")
+    with pytest.raises(ValidationError, match="not found"):
+        Settings(tls_cert_file=tmp_path / "nope.crt", tls_key_file=pki / "server.key")
