@@ -100,11 +100,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes]) -> None:
+def wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes], name: str) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if proc.poll() is not None:
-            raise BenchError(f"{proc.args[0]} exited with {proc.returncode} before listening")
+            raise BenchError(f"{name} exited with {proc.returncode} before listening")
         with socket.socket() as s:
             s.settimeout(0.5)
             if s.connect_ex(("127.0.0.1", port)) == 0:
@@ -246,7 +246,7 @@ class StoreSCP:
             stderr=subprocess.STDOUT,
             env=DCMTK_ENV,
         )
-        wait_port(self.port, 30, self.proc)
+        wait_port(self.port, 30, self.proc, "storescp")
 
     def received(self) -> int:
         return sum(1 for p in self.out.iterdir() if p.is_file())
@@ -387,7 +387,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, object]:
     )
     print(
         f"machine: {os.cpu_count()} CPU cores, {cpu_model()}; Python "
-        f"{platform.python_version()}; {_dcmtk_version()}"
+        f"{platform.python_version()}; {_dcmtk_version()}; load average {_load()}"
     )
     scp = StoreSCP(work, args.max_pdu)
     agent = None
@@ -451,6 +451,14 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, object]:
         "agent_peak_rss_kb": peak,
         "agent_peak_rss_by_round": rss,
     }
+
+
+def _load() -> str:
+    """1-minute load average: other work on the machine skews every figure."""
+    try:
+        return Path("/proc/loadavg").read_text().split()[0]
+    except (OSError, IndexError):
+        return "n/a"
 
 
 def _dcmtk_version() -> str:

@@ -6,9 +6,14 @@ not decoded (decoding happens on the worker).
 
 from __future__ import annotations
 
+import io
 import re
+import struct
 from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
 
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
@@ -101,37 +106,79 @@ def expected_native_pixel_bytes(ds: Dataset) -> int:
     return (total_bits + 7) // 8
 
 
-def _check_pixels(ds: Dataset, transfer_syntax: UID) -> None:
-    """Raise RejectedDataset for image datasets whose pixel data cannot be what they claim."""
+def _check_pixels(ds: Dataset, transfer_syntax: UID, source: Path | None = None) -> None:
+    """Raise RejectedDataset for image datasets whose pixel data cannot be what they claim.
+
+    With ``source`` (the file ``ds`` was read from with deferred values), the check reads only
+    element headers and fragment item headers, so a 500 MB object is never held in memory.
+    """
     for kw in ("Rows", "Columns", "BitsAllocated"):
         value = ds.get(kw)
         if value is None or int(value) <= 0:
             raise RejectedDataset(STATUS_DATASET_MISMATCH, f"image with {kw} missing or 0")
     if "PixelData" not in ds:
         raise RejectedDataset(STATUS_DATASET_MISMATCH, "image without Pixel Data")
-    elem = ds["PixelData"]
-    raw = elem.value
-    if raw is None or len(raw) == 0:
-        raise RejectedDataset(STATUS_DATASET_MISMATCH, "image with empty Pixel Data")
-    if transfer_syntax.is_encapsulated:
-        from pydicom.encaps import generate_fragments
-
-        try:
-            fragments = [f for f in generate_fragments(raw) if len(f)]
-        except Exception as exc:  # malformed item structure
-            raise RejectedDataset(
-                STATUS_CANNOT_UNDERSTAND, f"malformed encapsulated Pixel Data: {exc}"
-            ) from None
-        if not fragments:
-            raise RejectedDataset(STATUS_CANNOT_UNDERSTAND, "encapsulated Pixel Data has no frames")
+    item = ds.get_item("PixelData", keep_deferred=True)
+    deferred = isinstance(item, RawDataElement) and item.value is None and source is not None
+    if deferred:
+        assert isinstance(item, RawDataElement) and source is not None
+        if transfer_syntax.is_encapsulated:
+            with open(source, "rb") as f:
+                f.seek(item.value_tell)
+                _check_fragments(f, source.stat().st_size, in_file=True)
+            return
+        length = int(item.length)
+        if item.value_tell + length > source.stat().st_size:
+            raise RejectedDataset(STATUS_DATASET_MISMATCH, "Pixel Data truncated: file too short")
     else:
-        expected = expected_native_pixel_bytes(ds)
-        if len(raw) < expected:
-            raise RejectedDataset(
-                STATUS_DATASET_MISMATCH,
-                f"Pixel Data truncated: {len(raw)} bytes, {expected} expected from "
-                "Rows x Columns x Samples x Bits Allocated",
-            )
+        raw = ds["PixelData"].value
+        if raw is None or len(raw) == 0:
+            raise RejectedDataset(STATUS_DATASET_MISMATCH, "image with empty Pixel Data")
+        if transfer_syntax.is_encapsulated:
+            _check_fragments(io.BytesIO(raw), len(raw), in_file=False)
+            return
+        length = len(raw)
+    if length == 0:
+        raise RejectedDataset(STATUS_DATASET_MISMATCH, "image with empty Pixel Data")
+    expected = expected_native_pixel_bytes(ds)
+    if length < expected:
+        raise RejectedDataset(
+            STATUS_DATASET_MISMATCH,
+            f"Pixel Data truncated: {length} bytes, {expected} expected from "
+            "Rows x Columns x Samples x Bits Allocated",
+        )
+
+
+def _check_fragments(buf: BinaryIO, end: int, *, in_file: bool) -> None:
+    """Walk the encapsulated Pixel Data item headers without reading the fragments.
+
+    In a file the items must end with a Sequence Delimitation Item inside the file; an in-memory
+    value (as pydicom holds it) ends where the buffer ends.
+    """
+    items = 0
+    frames = 0
+    while True:
+        header = buf.read(8)
+        if len(header) < 8:
+            if in_file or header:
+                raise RejectedDataset(
+                    STATUS_CANNOT_UNDERSTAND, "encapsulated Pixel Data truncated (no delimiter)"
+                )
+            break
+        group, elem, length = struct.unpack("<HHL", header)
+        tag = group << 16 | elem
+        if tag == 0xFFFEE0DD:
+            break
+        if tag != 0xFFFEE000 or length == 0xFFFFFFFF:
+            raise RejectedDataset(STATUS_CANNOT_UNDERSTAND, "malformed encapsulated Pixel Data")
+        if buf.tell() + length > end:
+            raise RejectedDataset(STATUS_CANNOT_UNDERSTAND, "encapsulated Pixel Data truncated")
+        if items > 0 and length > 0:  # the first item is the Basic Offset Table
+            frames += 1
+        items += 1
+        buf.seek(length, 1)
+    if frames == 0:
+        raise RejectedDataset(STATUS_CANNOT_UNDERSTAND, "encapsulated Pixel Data has no frames")
 
 
 def _int_or_none(ds: Dataset, keyword: str) -> int | None:
@@ -143,7 +190,7 @@ def _int_or_none(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
-def examine(ds: Dataset, transfer_syntax: UID) -> DatasetFacts:
+def examine(ds: Dataset, transfer_syntax: UID, source: Path | None = None) -> DatasetFacts:
     """Check a dataset and say whether it is analysable; raise RejectedDataset if not storable."""
     study_uid = _uid(ds, "StudyInstanceUID")
     series_uid = _uid(ds, "SeriesInstanceUID")
@@ -157,14 +204,14 @@ def examine(ds: Dataset, transfer_syntax: UID) -> DatasetFacts:
     analysable = True
     reason: str | None = None
     if sop_class in ANALYSABLE_SOP_CLASSES:
-        _check_pixels(ds, transfer_syntax)
+        _check_pixels(ds, transfer_syntax, source)
         if int(ds.get("SamplesPerPixel", 1) or 1) not in (1, 3):
             analysable, reason = False, "unsupported Samples per Pixel"
     elif sop_class in NON_IMAGE_SOP_CLASSES:
         analysable = False
         reason = f"non-image SOP class ({NON_IMAGE_SOP_CLASSES[sop_class]}): stored, not analysed"
     elif sop_class in OTHER_IMAGE_SOP_CLASSES:
-        _check_pixels(ds, transfer_syntax)
+        _check_pixels(ds, transfer_syntax, source)
         analysable = False
         reason = f"not a projection X-ray ({OTHER_IMAGE_SOP_CLASSES[sop_class]}): not analysed"
     else:

@@ -10,8 +10,10 @@ import hashlib
 import io
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
@@ -64,6 +66,37 @@ def parse_part10(data: bytes) -> Dataset:
     return ds
 
 
+def _decode_small_elements(ds: Dataset) -> None:
+    """Decode every element (so malformed values fail now) but leave deferred ones on disk.
+
+    ``Dataset.iterall()`` would read deferred values into memory.
+    """
+    for tag in list(ds.keys()):
+        item = ds.get_item(tag, keep_deferred=True)
+        if isinstance(item, RawDataElement) and item.value is None:
+            continue  # deferred: a large value, checked without reading it
+        elem = ds[tag]
+        if elem.VR == "SQ":
+            for child in elem.value:
+                _decode_small_elements(child)
+
+
+def parse_part10_file(path: Path) -> Dataset:
+    """Parse a Part 10 file with large values left on disk (deferred); 0xC210 if unreadable."""
+    if path.stat().st_size <= 132:
+        raise RejectedDataset(STATUS_CANNOT_UNDERSTAND, "empty dataset (0 bytes)")
+    try:
+        ds = dcmread(path, defer_size=64 * 1024)
+        _decode_small_elements(ds)
+    except Exception as exc:
+        raise RejectedDataset(
+            STATUS_CANNOT_UNDERSTAND, f"not a readable DICOM file: {type(exc).__name__}"
+        ) from None
+    if "TransferSyntaxUID" not in ds.file_meta:
+        raise RejectedDataset(STATUS_CANNOT_UNDERSTAND, "file meta without Transfer Syntax UID")
+    return ds
+
+
 class Ingestor:
     def __init__(self, db: Database, store: InstanceStore, min_free_bytes: int = 0) -> None:
         self.db = db
@@ -84,16 +117,9 @@ class Ingestor:
         if self.min_free_bytes and self.store.free_bytes() - len(data) < self.min_free_bytes:
             raise RejectedDataset(STATUS_OUT_OF_RESOURCES, "disk nearly full: refusing to store")
         stored = self.store.write(facts.study_uid, facts.series_uid, facts.sop_uid, data)
-        for attempt in range(3):
-            try:
-                study_id = self._record(
-                    facts, stored, transfer_syntax, source, calling_ae, orthanc_id
-                )
-                break
-            except IntegrityError:
-                # Another association created the same study or series at the same moment.
-                if attempt == 2:
-                    raise
+        study_id = self._record_retrying(
+            facts, stored, transfer_syntax, source, calling_ae, orthanc_id
+        )
         log.info(
             "stored sop=%s study=%s via %s (%s)",
             facts.sop_uid,
@@ -102,6 +128,49 @@ class Ingestor:
             stored.outcome,
         )
         return IngestOutcome(facts.sop_uid, facts.study_uid, study_id, stored, facts)
+
+    def ingest_file(
+        self,
+        path: Path,
+        transfer_syntax: UID,
+        *,
+        source: str,
+        calling_ae: str | None = None,
+    ) -> IngestOutcome:
+        """Ingest a dataset that arrived as a file (C-STORE streamed to disk)."""
+        ds = parse_part10_file(path)
+        facts = examine(ds, transfer_syntax, source=path)
+        size = path.stat().st_size
+        if self.min_free_bytes and self.store.free_bytes() - size < self.min_free_bytes:
+            raise RejectedDataset(STATUS_OUT_OF_RESOURCES, "disk nearly full: refusing to store")
+        stored = self.store.write_file(facts.study_uid, facts.series_uid, facts.sop_uid, path)
+        study_id = self._record_retrying(facts, stored, transfer_syntax, source, calling_ae, None)
+        log.info(
+            "stored sop=%s study=%s via %s (%s)",
+            facts.sop_uid,
+            facts.study_uid,
+            source,
+            stored.outcome,
+        )
+        return IngestOutcome(facts.sop_uid, facts.study_uid, study_id, stored, facts)
+
+    def _record_retrying(
+        self,
+        facts: DatasetFacts,
+        stored: StoredFile,
+        transfer_syntax: UID,
+        source: str,
+        calling_ae: str | None,
+        orthanc_id: str | None,
+    ) -> int:
+        for attempt in range(3):
+            try:
+                return self._record(facts, stored, transfer_syntax, source, calling_ae, orthanc_id)
+            except IntegrityError:
+                # Another association created the same study or series at the same moment.
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def record_existing(self, relpath: str, data: bytes, ds: Dataset) -> IngestOutcome:
         """Record a file already in the store (start-up repair after a crash)."""

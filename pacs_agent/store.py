@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +93,43 @@ class InstanceStore:
             Path(tmp).unlink(missing_ok=True)
             raise
         return StoredFile(self._rel(target), len(data), digest, outcome)
+
+    def write_file(self, study_uid: str, series_uid: str, sop_uid: str, src: Path) -> StoredFile:
+        """Like write(), from a file (streamed: a large dataset is never held in memory).
+
+        ``src`` is left in place; it is hard-linked when it lies on the same filesystem.
+        """
+        parts = (
+            _check_uid(study_uid, "Study Instance UID"),
+            _check_uid(series_uid, "Series Instance UID"),
+        )
+        _check_uid(sop_uid, "SOP Instance UID")
+        folder = self.root.joinpath(*parts)
+        folder.mkdir(parents=True, exist_ok=True)
+        digest = sha256_file(src)
+        size = src.stat().st_size
+        target = folder / f"{sop_uid}.dcm"
+        outcome = "new"
+        if target.exists():
+            if sha256_file(target) == digest:
+                return StoredFile(self._rel(target), size, digest, "same")
+            target = folder / f"{sop_uid}.conflict-{digest[:12]}.dcm"
+            outcome = "conflict"
+        tmp = folder / f".incoming-{uuid.uuid4().hex}.part"
+        try:
+            try:
+                os.link(src, tmp)
+            except OSError:  # another filesystem: copy in chunks
+                with open(src, "rb") as fin, open(tmp, "wb") as fout:
+                    shutil.copyfileobj(fin, fout, 1 << 20)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+            fsync_dir(folder)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return StoredFile(self._rel(target), size, digest, outcome)
 
     def _rel(self, p: Path) -> str:
         return p.relative_to(self.root).as_posix()

@@ -249,3 +249,25 @@ def test_disk_nearly_full_answers_out_of_resources(tmp_path: Path, database_url:
         _assert_still_serving(lst)
     finally:
         lst.stop()
+
+
+def test_truncated_encapsulated_pixel_data_is_refused(listener: Listener, tmp_path: Path) -> None:
+    # A JPEG 2000 radiograph cut off in the middle of its compressed stream.
+    data = sample_path("RG3_J2KR.dcm").read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(data[: len(data) // 2])
+    ds = dcmread(sample_path("RG3_J2KR.dcm"), stop_before_pixels=True)
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # send the bytes as they are
+    try:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", listener.port, ae_title="PACSAGENT")
+        assert assoc.is_established
+        status = assoc.send_c_store(cut)
+        assoc.release()
+    finally:
+        monkey.undo()
+    assert status.Status in (0xC210, 0xA900), hex(status.Status)
+    assert listener.instances() == []
+    _assert_still_serving(listener)

@@ -183,3 +183,74 @@ def test_kill_9_during_transfer_loses_no_acknowledged_instance(
         print(f"acknowledged before kill -9: {len(acked)}, recorded after restart: {len(rows)}")
     finally:
         agent.stop()
+
+
+def _vm_hwm_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.e2e
+def test_large_multiframe_streams_to_disk(tmp_path: Path, demo_bundle: Path) -> None:
+    """A 157 MB multi-frame object is streamed to disk: the agent's peak memory does not grow
+    by anything like its size."""
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from pacs_agent.db.migrate import upgrade
+
+    frames, rows, cols = 150, 1024, 1024
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.12.1"  # XA
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = (
+        meta.MediaStorageSOPClassUID,
+        meta.MediaStorageSOPInstanceUID,
+    )
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.PatientID = "XA", "BIG-1"
+    ds.Rows, ds.Columns, ds.NumberOfFrames = rows, cols, frames
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = (
+        np.random.default_rng(0).integers(0, 255, frames * rows * cols, dtype=np.uint8).tobytes()
+    )
+    big = tmp_path / "big.dcm"
+    ds.save_as(big, enforce_file_format=True)
+    size_mb = big.stat().st_size / 2**20
+    del ds
+
+    db_url = f"sqlite:///{tmp_path / 'agent.db'}"
+    upgrade(db_url)
+    agent = AgentEnv(tmp_path, db_url, f"redis://127.0.0.1:{free_port()}/0", demo_bundle, "")
+    agent.env["PACS_AGENT_QUIET_PERIOD_S"] = "3600"
+    proc = agent.start_agent()
+    try:
+        before = _vm_hwm_kb(proc.popen.pid)
+        res = subprocess.run(
+            ["storescu", "-aec", "PACSAGENT", "127.0.0.1", str(agent.dicom_port), str(big)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert res.returncode == 0, res.stderr
+        growth_mb = (_vm_hwm_kb(proc.popen.pid) - before) / 1024
+        print(f"object {size_mb:.0f} MB, agent peak RSS growth {growth_mb:.1f} MB")
+        assert growth_mb < size_mb / 4
+        stored = list((agent.data_dir / "instances").rglob("*.dcm"))
+        assert len(stored) == 1
+        # Same dataset (the file meta is the receiver's own): same size within the meta, same
+        # pixel bytes at the end.
+        assert abs(stored[0].stat().st_size - big.stat().st_size) < 256
+        with open(stored[0], "rb") as a, open(big, "rb") as b:
+            a.seek(-(1 << 20), 2)
+            b.seek(-(1 << 20), 2)
+            assert a.read() == b.read()
+    finally:
+        agent.stop()

@@ -10,6 +10,7 @@ import logging
 import ssl
 import threading
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from pydicom.uid import (
@@ -31,7 +32,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
@@ -43,7 +44,7 @@ from pacs_agent.dicom_facts import (
     STATUS_PROCESSING_FAILURE,
     RejectedDataset,
 )
-from pacs_agent.ingest import Ingestor, parse_part10
+from pacs_agent.ingest import Ingestor
 from pacs_agent.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -115,13 +116,12 @@ def handle_store(event: Event, ingestor: Ingestor, tracker: ReleaseTracker | Non
     sop_uid = "?"
     try:
         try:
-            data = event.encoded_dataset(include_meta=True)
+            path = Path(event.dataset_path)
         except Exception as exc:
             raise RejectedDataset(0xC210, f"cannot read the dataset stream: {exc}") from None
-        ds = parse_part10(data)
-        sop_uid = str(ds.get("SOPInstanceUID", "?"))
         ts = UID(str(event.context.transfer_syntax))
-        outcome = ingestor.ingest(data, ds, ts, source="dimse", calling_ae=calling_ae)
+        outcome = ingestor.ingest_file(path, ts, source="dimse", calling_ae=calling_ae)
+        sop_uid = outcome.sop_uid
         if tracker is not None:
             tracker.stored(event.assoc, outcome.study_uid)
         return 0x0000
@@ -136,6 +136,9 @@ def handle_store(event: Event, ingestor: Ingestor, tracker: ReleaseTracker | Non
 
 
 def make_ae(settings: Settings) -> AE:
+    # Stream every received dataset to a temporary file instead of memory (pynetdicom's setting
+    # is process-wide); the handler moves it into the store, pynetdicom removes the temp file.
+    _config.STORE_RECV_CHUNKED_DATASET = True
     ae = AE(ae_title=settings.ae_title)
     ae.maximum_pdu_size = settings.max_pdu
     ae.acse_timeout = 30

@@ -40,8 +40,10 @@ log = logging.getLogger(__name__)
 router = APIRouter()
 
 DICOM_JSON = "application/dicom+json"
-# A part larger than this is refused (0xA700) and its bytes are skipped, never held.
-MAX_PART_BYTES = 1 << 30
+# A part is held in memory while it is checked and written (the C-STORE path streams to disk;
+# STOW-RS could do the same through Ingestor.ingest_file). A part larger than this is refused
+# (0xA700) and its bytes are skipped, never held.
+MAX_PART_BYTES = 256 * 1024 * 1024
 MAX_HEADER_BYTES = 16 * 1024
 # PS3.18 Table 10.5.3-... / PS3.4 B.2.3: Referenced Transfer Syntax not supported.
 STATUS_TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
