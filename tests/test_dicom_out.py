@@ -1,5 +1,6 @@
-"""DICOM writers (SR, SEG, heatmap SC): build from real test images, save, read back, compare,
-and validate with dciodvfy.
+"""DICOM writers (TID 1500 SR, Basic Text SR, SEG binary and fractional, heatmap SC, Parametric
+Map, Key Object Selection): build from real test images, save, read back, compare, and validate
+with dciodvfy.
 
 Sources: NEMA WG04 radiographs from pydicom-data (RG1: CR chest, 1955x1841, 15-bit MONOCHROME1,
 Pixel Spacing 0.000, JPEG 2000 lossless; RG3: CR extremity, Laterality R) and pydicom's own
@@ -23,12 +24,28 @@ import pytest
 from pydicom import Dataset
 from pydicom.data import get_testdata_file
 from pydicom.sr.codedict import codes
-from pydicom.uid import UID, Comprehensive3DSRStorage
+from pydicom.uid import (
+    UID,
+    BasicTextSRStorage,
+    Comprehensive3DSRStorage,
+    KeyObjectSelectionDocumentStorage,
+    ParametricMapStorage,
+)
 
 from pacs_agent.uids import derive_uid
 from tests.dciodvfy import requires_dciodvfy, run_dciodvfy, split_findings
-from workers.dicom_out import build_heatmap_sc, build_seg, build_sr, common
+from workers.dicom_out import (
+    build_heatmap_sc,
+    build_key_objects,
+    build_parametric_map,
+    build_seg,
+    build_sr,
+    build_text_sr,
+    common,
+)
+from workers.dicom_out.pm import has_patient_geometry, own_frame_of_reference_uid
 from workers.dicom_out.sc import jet
+from workers.dicom_out.sr import TRIAGE_CODES
 from workers.results import AlgorithmInfo, Finding, OutputIdentity
 
 SOURCES = [
@@ -96,6 +113,12 @@ def _masks(rows: int, cols: int) -> np.ndarray:
     return masks
 
 
+def _probabilities(masks: np.ndarray) -> np.ndarray:
+    """Soft versions of ``masks``: 0.9 inside, a ramp from 0 to 0.4 outside."""
+    ramp = np.linspace(0.0, 0.4, masks.shape[2], dtype=np.float32)[np.newaxis, np.newaxis, :]
+    return np.where(masks, np.float32(0.9), np.broadcast_to(ramp, masks.shape))
+
+
 def _findings(source: Dataset) -> list[Finding]:
     uid = str(source.SOPInstanceUID)
     return [
@@ -116,6 +139,7 @@ class Built:
     source: Dataset
     findings: list[Finding]
     masks: np.ndarray
+    heat: np.ndarray
     heat_peak: tuple[int, int]
     identities: dict[str, OutputIdentity]
     encoded: dict[str, bytes]
@@ -133,17 +157,42 @@ def built(request: pytest.FixtureRequest) -> Iterator[Built]:
         "sr": _identity(source, "findings", 901),
         "seg": _identity(source, "segmentation", 902),
         "sc": _identity(source, "heatmap", 903),
+        "pm": _identity(source, "parametric map", 904),
+        "ko": _identity(source, "key images", 905),
+        "sr-text": _identity(source, "findings text", 906),
+        "seg-fractional": _identity(source, "fractional segmentation", 907),
     }
-    sr = build_sr([source], findings, DEMO, identities["sr"], created=CREATED)
-    seg = build_seg(source, masks, SEGMENT_LABELS, DEMO, identities["seg"], created=CREATED)
-    sc = build_heatmap_sc(source, _display(source), heat, DEMO, identities["sc"], created=CREATED)
+    objects = {
+        "sr": build_sr(
+            [source], findings, DEMO, identities["sr"], triage="urgent", created=CREATED
+        ),
+        "seg": build_seg(source, masks, SEGMENT_LABELS, DEMO, identities["seg"], created=CREATED),
+        "sc": build_heatmap_sc(
+            source, _display(source), heat, DEMO, identities["sc"], created=CREATED
+        ),
+        "pm": build_parametric_map(source, heat, DEMO, identities["pm"], created=CREATED),
+        "ko": build_key_objects([source], findings, DEMO, identities["ko"], created=CREATED),
+        "sr-text": build_text_sr(
+            [source], findings, DEMO, identities["sr-text"], triage="critical", created=CREATED
+        ),
+        "seg-fractional": build_seg(
+            source,
+            _probabilities(masks),
+            SEGMENT_LABELS,
+            DEMO,
+            identities["seg-fractional"],
+            segmentation_type="fractional",
+            created=CREATED,
+        ),
+    }
     yield Built(
         source=source,
         findings=findings,
         masks=masks,
+        heat=heat,
         heat_peak=peak,
         identities=identities,
-        encoded={"sr": _to_bytes(sr), "seg": _to_bytes(seg), "sc": _to_bytes(sc)},
+        encoded={kind: _to_bytes(ds) for kind, ds in objects.items()},
     )
 
 
@@ -412,11 +461,243 @@ def test_sc_rejects_misaligned_heatmap() -> None:
         build_heatmap_sc(source, grey, np.full((128, 128), np.nan), DEMO, identity)
 
 
+# --------------------------------------------------------------------------- SR extras
+
+
+def _items_named(ds: Dataset, meaning: str) -> list[Dataset]:
+    return [
+        item
+        for item in _walk(ds)
+        if "ConceptNameCodeSequence" in item
+        and item.ConceptNameCodeSequence[0].CodeMeaning == meaning
+    ]
+
+
+def test_sr_triage_and_plain_language_summary(built: Built) -> None:
+    ds = _read(built.encoded["sr"])
+    [container] = _items_named(ds, "Qualitative Evaluations")
+    assert container.ValueType == "CONTAINER" and container.RelationshipType == "CONTAINS"
+    assert container in list(ds.ContentSequence)  # report level, after the measurements
+    priority, summary = container.ContentSequence
+    assert priority.ValueType == "CODE"
+    assert priority.ConceptNameCodeSequence[0].CodeValue == codes.SCT.Priority.value
+    assert priority.ConceptCodeSequence[0].CodeValue == TRIAGE_CODES["urgent"].value
+    assert summary.ValueType == "TEXT"
+    assert summary.ConceptNameCodeSequence[0].CodeValue == codes.DCM.Summary.value
+    text = summary.TextValue
+    assert DEMO.disclaimer in text and "Triage level: URGENT" in text
+    positives = text.split("Positive findings:")[1].split("Negative findings:")[0]
+    assert "Cardiomegaly (probability 0.91" in positives and "Consolidation" in positives
+    assert "Pleural effusion" not in positives
+    for keyword in ("PatientName", "PatientID"):
+        value = str(built.source.get(keyword, "") or "")
+        if len(value) > 3:
+            assert value not in text  # no patient data in the summary
+
+
+def test_text_sr_round_trip(built: Built) -> None:
+    identity = built.identities["sr-text"]
+    ds = _read(built.encoded["sr-text"])
+    _assert_common(ds, built.source, identity)
+    assert ds.SOPClassUID == BasicTextSRStorage
+    assert ds.ConceptNameCodeSequence[0].CodeValue == codes.LN.DiagnosticImagingReport.value
+    value_types = {item.get("ValueType") for item in _walk(ds)} - {None}
+    assert value_types <= {"CONTAINER", "TEXT", "CODE", "UIDREF", "IMAGE"}, value_types
+    sentences = [item.TextValue for item in _items_named(ds, "Finding")]
+    assert sentences == [
+        "Cardiomegaly: PRESENT, probability 0.91 (threshold 0.50)",
+        "Pleural effusion: absent, probability 0.12 (threshold 0.50)",
+        "Consolidation: PRESENT, probability 0.50 (threshold 0.50)",
+    ]
+    for finding in _items_named(ds, "Finding"):
+        [image] = [c for c in finding.ContentSequence if c.ValueType == "IMAGE"]
+        assert image.RelationshipType == "INFERRED FROM"
+        reference = image.ReferencedSOPSequence[0]
+        assert reference.ReferencedSOPInstanceUID == built.source.SOPInstanceUID
+        names = [c.ConceptNameCodeSequence[0].CodeMeaning for c in finding.ContentSequence]
+        assert "Algorithm Name" in names and "Algorithm Parameters" in names
+    [priority] = _items_named(ds, "Priority (attribute)")
+    assert priority.ConceptCodeSequence[0].CodeValue == TRIAGE_CODES["critical"].value
+    [impression] = _items_named(ds, "Impression")
+    assert "Triage level: CRITICAL" in impression.TextValue
+    assert DEMO.disclaimer in impression.TextValue
+    evidence = ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == built.source.SOPInstanceUID
+
+
+def test_reports_refuse_an_unknown_triage_level() -> None:
+    source = pydicom.dcmread(_path("CT_small.dcm"), stop_before_pixels=True)
+    identity = _identity(source, "triage", 9)
+    for build in (build_sr, build_text_sr):
+        with pytest.raises(ValueError, match="triage"):
+            build([source], _findings(source), DEMO, identity, triage="soon")
+
+
+# --------------------------------------------------------------------------- FRACTIONAL SEG
+
+
+def test_fractional_seg_round_trip(built: Built) -> None:
+    identity = built.identities["seg-fractional"]
+    ds = _read(built.encoded["seg-fractional"])
+    _assert_common(ds, built.source, identity)
+    assert ds.SegmentationType == "FRACTIONAL"
+    assert ds.SegmentationFractionalType == "PROBABILITY"
+    assert ds.MaximumFractionalValue == 255 and ds.BitsAllocated == 8
+    seg = hd.seg.segread(io.BytesIO(built.encoded["seg-fractional"]))
+    pixels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=[built.source.SOPInstanceUID],
+        segment_numbers=[1, 2, 3],
+        rescale_fractional=True,
+    )
+    expected = _probabilities(built.masks)
+    assert np.abs(np.moveaxis(pixels[0], -1, 0) - expected).max() <= 0.5 / 255 + 1e-6
+    for item in _walk(ds):
+        if "PixelSpacing" in item:
+            assert all(float(v) > 0 for v in item.PixelSpacing)
+
+
+def test_fractional_seg_rejects_values_outside_0_1() -> None:
+    source = pydicom.dcmread(_path("CT_small.dcm"), stop_before_pixels=True)
+    identity = _identity(source, "seg-frac-bad", 955)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        build_seg(
+            source, np.full((1, 128, 128), 1.5, np.float32), ["Heart"], DEMO, identity,
+            segmentation_type="fractional",
+        )
+    with pytest.raises(ValueError, match="segmentation_type"):
+        build_seg(
+            source, np.zeros((1, 128, 128), bool), ["Heart"], DEMO, identity,
+            segmentation_type="labelmap",
+        )
+
+
+# --------------------------------------------------------------------------- Parametric Map
+
+
+def test_parametric_map_round_trip(built: Built) -> None:
+    identity = built.identities["pm"]
+    ds = _read(built.encoded["pm"])
+    _assert_common(ds, built.source, identity)
+    assert ds.SOPClassUID == ParametricMapStorage
+    assert (ds.Rows, ds.Columns, ds.NumberOfFrames) == (built.source.Rows, built.source.Columns, 1)
+    assert ds.BitsAllocated == 32 and "FloatPixelData" in ds
+    assert np.array_equal(ds.pixel_array, built.heat.astype(np.float32))
+    assert ds.ContentLabel == "AI_DEMO" and DEMO.disclaimer in ds.ImageComments
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    mapping = shared.RealWorldValueMappingSequence[0]
+    assert mapping.MeasurementUnitsCodeSequence[0].CodeValue == "1"
+    assert (mapping.DoubleFloatRealWorldValueFirstValueMapped,
+            mapping.DoubleFloatRealWorldValueLastValueMapped) == (0.0, 1.0)
+    voi = shared.FrameVOILUTSequence[0]
+    assert (float(voi.WindowCenter), float(voi.WindowWidth)) == (0.5, 1.0)
+    frame = ds.PerFrameFunctionalGroupsSequence[0]
+    source_ref = frame.DerivationImageSequence[0].SourceImageSequence[0]
+    assert source_ref.ReferencedSOPInstanceUID == built.source.SOPInstanceUID
+    assert source_ref.SpatialLocationsPreserved == "YES"
+
+    # geometry: never a zero spacing, no slice spacing, the source's frame only when it has
+    # full patient geometry, else one of the map's own at the origin
+    measures = shared.PixelMeasuresSequence[0]
+    assert all(float(v) > 0 for v in measures.PixelSpacing)
+    assert "SpacingBetweenSlices" not in measures
+    position = frame.PlanePositionSequence[0].ImagePositionPatient
+    orientation = shared.PlaneOrientationSequence[0].ImageOrientationPatient
+    if has_patient_geometry(built.source):
+        assert ds.FrameOfReferenceUID == built.source.FrameOfReferenceUID
+        assert [float(v) for v in position] == pytest.approx(
+            [float(v) for v in built.source.ImagePositionPatient]
+        )
+    else:
+        assert ds.FrameOfReferenceUID == own_frame_of_reference_uid(built.source)
+        assert ds.FrameOfReferenceUID != built.source.get("FrameOfReferenceUID")
+        assert [float(v) for v in position] == [0.0, 0.0, 0.0]
+        expected = common.image_orientation_of(built.source) or [1, 0, 0, 0, 1, 0]
+        assert [float(v) for v in orientation] == pytest.approx(expected)
+        spacing = common.valid_pixel_spacing(built.source) or (1.0, 1.0)
+        assert [float(v) for v in measures.PixelSpacing] == pytest.approx(list(spacing))
+    # Series Laterality only when there is no Frame Laterality (dciodvfy checks both ways)
+    assert ("FrameAnatomySequence" in shared) != ("Laterality" in ds)
+
+    pm = hd.pm.ParametricMap.from_dataset(ds)
+    assert [uids[2] for uids in pm.get_source_image_uids()] == [built.source.SOPInstanceUID]
+
+
+def test_parametric_map_rg1_geometry() -> None:
+    source = pydicom.dcmread(_path("RG1_UNCR.dcm"), stop_before_pixels=True)
+    heat = np.zeros((source.Rows, source.Columns), np.float32)
+    pm = build_parametric_map(source, heat, DEMO, _identity(source, "pm-rg1", 960))
+    shared = pm.SharedFunctionalGroupsSequence[0]
+    # RG1 "L\F": columns run to the patient's left, rows to the feet; Pixel Spacing 0.000 is
+    # not carried: the map's own frame has a nominal 1 mm grid
+    iop = shared.PlaneOrientationSequence[0].ImageOrientationPatient
+    assert [float(v) for v in iop] == [1, 0, 0, 0, 0, -1]
+    assert [float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing] == [1.0, 1.0]
+    assert "Frame of Reference of this map only" in pm.ImageComments
+    anatomy = shared.FrameAnatomySequence[0]
+    assert anatomy.AnatomicRegionSequence[0].CodeMeaning == "Chest"
+    assert anatomy.FrameLaterality == "U"  # chest: unpaired
+    assert "FrameOfReferenceUID" not in source  # the source is untouched
+    assert [float(v) for v in source.PixelSpacing] == [0.0, 0.0]
+
+
+@requires_dciodvfy
+def test_parametric_map_of_a_projection_with_frame_of_reference() -> None:
+    """DX-like: a Frame of Reference but no position. The map does not claim a place in it."""
+    source = pydicom.dcmread(_path("RG3_UNCR.dcm"), stop_before_pixels=True)
+    source.FrameOfReferenceUID = derive_uid("frame of reference", str(source.SOPInstanceUID))
+    heat = np.zeros((source.Rows, source.Columns), np.float32)
+    pm = build_parametric_map(source, heat, DEMO, _identity(source, "pm-for", 963))
+    assert pm.FrameOfReferenceUID == own_frame_of_reference_uid(source)
+    assert pm.FrameOfReferenceUID != source.FrameOfReferenceUID
+    iop = pm.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0]
+    assert [float(v) for v in iop.ImageOrientationPatient] == [-1, 0, 0, 0, 0, -1]  # R\F
+    errors, _ = split_findings(run_dciodvfy(pm))
+    assert errors == []
+
+
+# --------------------------------------------------------------------------- Key Objects
+
+
+def test_key_objects_round_trip(built: Built) -> None:
+    identity = built.identities["ko"]
+    ds = _read(built.encoded["ko"])
+    _assert_common(ds, built.source, identity)
+    assert ds.SOPClassUID == KeyObjectSelectionDocumentStorage and ds.Modality == "KO"
+    assert ds.ConceptNameCodeSequence[0].CodeValue == codes.DCM.OfInterest.value
+    images = [item for item in _walk(ds) if item.get("ValueType") == "IMAGE"]
+    assert [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in images] == [
+        built.source.SOPInstanceUID
+    ]
+    [description] = _items_named(ds, "Key Object Description")
+    assert "Cardiomegaly (0.91)" in description.TextValue
+    assert "Pleural effusion" not in description.TextValue
+    assert DEMO.disclaimer in description.TextValue
+    evidence = ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == built.source.SOPInstanceUID
+
+
+def test_key_objects_name_only_images_with_positive_findings() -> None:
+    first = pydicom.dcmread(_path("RG3_UNCR.dcm"), stop_before_pixels=True)
+    second = copy.deepcopy(first)
+    second.SOPInstanceUID = derive_uid(str(first.SOPInstanceUID), "second")
+    findings = [
+        Finding("Pneumothorax", 0.2, 0.5, str(first.SOPInstanceUID)),
+        Finding("Pneumothorax", 0.8, 0.5, str(second.SOPInstanceUID)),
+    ]
+    ko = build_key_objects([first, second], findings, DEMO, _identity(first, "ko2", 961))
+    images = [item for item in _walk(ko) if item.get("ValueType") == "IMAGE"]
+    assert [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in images] == [
+        str(second.SOPInstanceUID)
+    ]
+    with pytest.raises(ValueError, match="no positive finding"):
+        build_key_objects([first], findings[:1], DEMO, _identity(first, "ko3", 962))
+
+
 # --------------------------------------------------------------------------- validation
 
 
 @requires_dciodvfy
-@pytest.mark.parametrize("kind", ["sr", "seg", "sc"])
+@pytest.mark.parametrize("kind", ["sr", "sr-text", "seg", "seg-fractional", "sc", "pm", "ko"])
 def test_dciodvfy_reports_no_errors(built: Built, kind: str) -> None:
     errors, warnings = split_findings(run_dciodvfy(built.encoded[kind]))
     print(f"{built.source.SOPInstanceUID} {kind}: {len(warnings)} dciodvfy warnings")
@@ -441,13 +722,26 @@ def test_same_inputs_give_identical_objects() -> None:
     masks = _masks(rows, cols)
 
     def build_all(created: dt.datetime | None) -> list[Dataset]:
+        findings = _findings(source)
         return [
-            build_sr([source], _findings(source), DEMO, _identity(source, "f", 1), created=created),
+            build_sr([source], findings, DEMO, _identity(source, "f", 1), created=created),
             build_seg(
                 source, masks, SEGMENT_LABELS, DEMO, _identity(source, "s", 2), created=created
             ),
             build_heatmap_sc(
                 source, display, heat, DEMO, _identity(source, "h", 3), created=created
+            ),
+            build_parametric_map(source, heat, DEMO, _identity(source, "p", 4), created=created),
+            build_key_objects([source], findings, DEMO, _identity(source, "k", 5), created=created),
+            build_text_sr([source], findings, DEMO, _identity(source, "t", 6), created=created),
+            build_seg(
+                source,
+                _probabilities(masks),
+                SEGMENT_LABELS,
+                DEMO,
+                _identity(source, "q", 7),
+                segmentation_type="fractional",
+                created=created,
             ),
         ]
 

@@ -1,4 +1,4 @@
-"""Helpers shared by the DICOM writers (SR, SEG, SC).
+"""Helpers shared by the DICOM writers (SR, SEG, SC, PM, KO).
 
 Everything here works on *metadata*: a writer never needs the source pixels, and never mutates
 the source dataset it was given (it works on :func:`source_header`, a sanitised copy).
@@ -13,6 +13,7 @@ import re
 from collections.abc import Sequence
 
 import highdicom as hd
+import numpy as np
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
@@ -313,3 +314,73 @@ def replace_uid_values(ds: Dataset, old: str, new: str) -> None:
                 element.value = new
 
     _walk(ds)
+
+
+# --------------------------------------------------------------------------- shared checks
+
+
+TRIAGE_LEVELS = ("routine", "urgent", "critical")
+
+
+def check_triage(triage: str | None) -> None:
+    """Raise ValueError unless ``triage`` is None or one of :data:`TRIAGE_LEVELS`."""
+    if triage is not None and triage not in TRIAGE_LEVELS:
+        raise ValueError(f"triage must be one of {TRIAGE_LEVELS} or None, got {triage!r}")
+
+
+def check_plane(name: str, array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """``array`` as float32 in [0, 1] with the source's (rows, columns), or ValueError."""
+    array = np.asarray(array)
+    if array.shape != shape:
+        raise ValueError(f"{name} has shape {array.shape}; the source is {shape} (rows, columns)")
+    if not np.issubdtype(array.dtype, np.number) and array.dtype != np.bool_:
+        raise ValueError(f"{name} must be numeric")
+    array = array.astype(np.float32)
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    if array.min() < -1e-3 or array.max() > 1.0 + 1e-3:
+        raise ValueError(f"{name} must lie in [0, 1], got [{array.min()}, {array.max()}]")
+    return np.clip(array, 0.0, 1.0)
+
+
+# --------------------------------------------------------------------------- anatomy
+
+
+def frame_anatomy(source: Dataset) -> Dataset | None:
+    """A Frame Anatomy functional group item (PS3.3 C.7.6.16.2.8) for ``source``, or None.
+
+    Anatomic Region from the source's Anatomic Region Sequence, else from Body Part Examined
+    through the PS3.16 Annex L correspondence (highdicom's table); Frame Laterality from the
+    source's Laterality / Image Laterality (R, L, B), or U for an unpaired region. None when
+    either cannot be known without guessing (no region, or a paired region of unknown side).
+    """
+    from highdicom._standard_utils import get_anatomic_region_map
+
+    laterality = ""
+    for keyword in ("ImageLaterality", "Laterality"):
+        value = str(source.get(keyword, "") or "").strip().upper()
+        if value in ("R", "L", "B"):
+            laterality = value
+            break
+    region: Dataset | None = None
+    paired = True
+    if source.get("AnatomicRegionSequence"):
+        region = copy.deepcopy(source.AnatomicRegionSequence[0])
+    else:
+        body_part = str(source.get("BodyPartExamined", "") or "").strip().upper()
+        known = get_anatomic_region_map().get(body_part)
+        if known is not None:
+            concept, paired = known
+            region = Dataset()
+            for keyword in ("CodeValue", "CodingSchemeDesignator", "CodeMeaning"):
+                setattr(region, keyword, getattr(concept, keyword))
+    if region is None:
+        return None
+    if not laterality:
+        if paired:
+            return None
+        laterality = "U"
+    item = Dataset()
+    item.AnatomicRegionSequence = [region]
+    item.FrameLaterality = laterality
+    return item

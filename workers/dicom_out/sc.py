@@ -108,20 +108,6 @@ def burn_annotations(rgb: np.ndarray, banner: str) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8).copy()
 
 
-def _check_plane(name: str, array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    array = np.asarray(array)
-    if array.shape != shape:
-        raise ValueError(f"{name} has shape {array.shape}; the source is {shape} (rows, columns)")
-    if not np.issubdtype(array.dtype, np.number) and array.dtype != np.bool_:
-        raise ValueError(f"{name} must be numeric")
-    array = array.astype(np.float32)
-    if not np.isfinite(array).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
-    if array.min() < -1e-3 or array.max() > 1.0 + 1e-3:
-        raise ValueError(f"{name} must lie in [0, 1], got [{array.min()}, {array.max()}]")
-    return np.clip(array, 0.0, 1.0)
-
-
 def _source_reference(source: Dataset, purpose: bool) -> Dataset:
     item = Dataset()
     item.ReferencedSOPClassUID = source.SOPClassUID
@@ -171,8 +157,8 @@ def build_heatmap_sc(
     common.check_algorithm(algorithm)
     common.check_single_frame(source)
     shape = (int(source.Rows), int(source.Columns))
-    display = _check_plane("display", display, shape)
-    heatmap = _check_plane("heatmap", heatmap, shape)
+    display = common.check_plane("display", display, shape)
+    heatmap = common.check_plane("heatmap", heatmap, shape)
 
     when = created or dt.datetime.now()
     header = common.source_header(source)

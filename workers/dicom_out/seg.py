@@ -1,4 +1,8 @@
-"""DICOM Segmentation (BINARY) writer: one segment per class, pixel-aligned with the source.
+"""DICOM Segmentation writer: one segment per class, pixel-aligned with the source.
+
+BINARY (masks) or FRACTIONAL (Segmentation Fractional Type PROBABILITY, 8 bit, maximum
+fractional value 255: per-pixel class probabilities, or the masks as 0/1 when the model gave no
+probabilities), by the ``seg_type`` setting.
 
 Construction notes for projection radiographs (CR/DX without a Frame of Reference, e.g. the
 NEMA RG1 chest), each checked with dciodvfy:
@@ -74,6 +78,13 @@ SEGMENT_CODES: dict[str, tuple[Code, Code, Code | None]] = {
     "catheter": (codes.SCT.PhysicalObject, codes.SCT.Catheter, None),
 }
 
+SEGMENTATION_TYPES = {
+    "binary": hd.seg.SegmentationTypeValues.BINARY,
+    "fractional": hd.seg.SegmentationTypeValues.FRACTIONAL,
+}
+# FRACTIONAL pixels are probabilities in 1/255 steps (8 bit).
+MAX_FRACTIONAL_VALUE = 255
+
 # Distinct display colours (sRGB), cycled over segments; stored as CIELab.
 SEGMENT_COLOURS: tuple[tuple[int, int, int], ...] = (
     (230, 25, 75),
@@ -102,17 +113,26 @@ def build_seg(
     algorithm: AlgorithmInfo,
     identity: OutputIdentity,
     *,
+    segmentation_type: str = "binary",
     created: dt.datetime | None = None,
 ) -> Dataset:
-    """Build a BINARY Segmentation of ``source`` with one segment per mask.
+    """Build a Segmentation of ``source`` with one segment per mask.
 
     ``masks`` has shape (n_classes, rows, columns) in source pixel geometry; segment i + 1 is
-    ``masks[i]``, labelled ``segment_labels[i]``. ``created`` fixes the creation/content
-    date-times (default: now), making the output byte-identical for identical inputs.
+    ``masks[i]``, labelled ``segment_labels[i]``. ``segmentation_type`` is ``"binary"`` (masks
+    boolean or 0/1) or ``"fractional"`` (masks are probabilities in [0, 1], or boolean).
+    ``created`` fixes the creation/content date-times (default: now), making the output
+    byte-identical for identical inputs.
     """
     common.check_identity(identity)
     common.check_algorithm(algorithm)
     common.check_single_frame(source)
+    if segmentation_type not in SEGMENTATION_TYPES:
+        raise ValueError(
+            f"segmentation_type must be one of {sorted(SEGMENTATION_TYPES)}, "
+            f"got {segmentation_type!r}"
+        )
+    fractional = segmentation_type == "fractional"
     masks = np.asarray(masks)
     if masks.ndim != 3:
         raise ValueError(f"masks must have shape (n_classes, rows, columns), got {masks.shape}")
@@ -125,7 +145,13 @@ def build_seg(
         raise ValueError(
             f"{masks.shape[0]} masks for {len(segment_labels)} segment labels; need >= 1 each"
         )
-    if masks.dtype != np.bool_:
+    if fractional:
+        if not (np.issubdtype(masks.dtype, np.number) or masks.dtype == np.bool_):
+            raise ValueError("fractional masks must be numeric probabilities")
+        masks = masks.astype(np.float32)
+        if not np.isfinite(masks).all() or masks.min() < 0.0 or masks.max() > 1.0:
+            raise ValueError("fractional masks must be probabilities in [0, 1]")
+    elif masks.dtype != np.bool_:
         if not np.isin(masks, (0, 1)).all():
             raise ValueError("masks must be boolean (or contain only 0 and 1)")
         masks = masks.astype(bool)
@@ -181,7 +207,9 @@ def build_seg(
     seg = hd.seg.Segmentation(
         source_images=[header],
         pixel_array=pixel_array,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segmentation_type=SEGMENTATION_TYPES[segmentation_type],
+        fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
+        max_fractional_value=MAX_FRACTIONAL_VALUE,
         segment_descriptions=descriptions,
         series_instance_uid=identity.series_instance_uid,
         series_number=identity.series_number,
@@ -215,7 +243,8 @@ def build_seg(
         )
 
     logger.info(
-        "built SEG %s (%d segments) for source %s",
+        "built %s SEG %s (%d segments) for source %s",
+        segmentation_type,
         identity.sop_instance_uid,
         len(descriptions),
         source.SOPInstanceUID,

@@ -10,9 +10,18 @@ Each finding becomes a TID 1501 Measurement Group holding:
 - the source image (Source of Measurement) and TID 4019 Algorithm Identification (family
   Artificial Intelligence, name + disclaimer, version, parameters: bundle checksum, threshold).
 
+After the Imaging Measurements, a report-level Qualitative Evaluations container (TID 1500 row
+12, (C0034375, UMLS, "Qualitative Evaluations")) holds:
+
+- the study's triage level, when given: CODE ``Priority`` (SCT 260870009) = ``Routine`` (SCT
+  373115008) | ``Urgency`` (SCT 103391001, "urgent") | ``Emergency`` (SCT 25876001,
+  "critical"), see :data:`TRIAGE_CODES`;
+- a plain-language TEXT ``Summary`` (DCM 121111) of the findings and triage, for viewers that
+  show an SR as text only.
+
 The disclaimer (``AlgorithmInfo.disclaimer``) also appears in the Device Observer Name, the
-Algorithm Name, the Contributing Equipment description, and (by the caller) the Series
-Description.
+Algorithm Name, the Contributing Equipment description, the summary, and (by the caller) the
+Series Description.
 """
 
 from __future__ import annotations
@@ -71,6 +80,18 @@ PROCEDURE_CODES: dict[str, Code] = {
 }
 
 
+# Triage level (workers.pipeline.triage_level) -> value of the report-level Priority evaluation.
+TRIAGE_CONCEPT = codes.SCT.Priority
+TRIAGE_CODES: dict[str, Code] = {
+    "routine": codes.SCT.Routine,
+    "urgent": codes.SCT.Urgency,
+    "critical": codes.SCT.Emergency,
+}
+# TID 1500 row 12: the report-level container of qualitative evaluations (not in pydicom's
+# dictionary; UMLS is a standard coding scheme of PS3.16 Table 8-1, no declaration needed).
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
+
+
 def finding_code(label: str) -> Code:
     """The code of a finding label (standard where pydicom has one, else private)."""
     return FINDING_CODES.get(common.normalise_label(label)) or common.private_code(label)
@@ -86,27 +107,81 @@ def procedure_codes(sources: Sequence[Dataset]) -> list[Code]:
     return out
 
 
-def build_sr(
+def summary_text(
     sources: Sequence[Dataset],
     findings: Sequence[Finding],
     algorithm: AlgorithmInfo,
-    identity: OutputIdentity,
-    *,
-    created: dt.datetime | None = None,
-) -> Dataset:
-    """Build a Comprehensive 3D SR (TID 1500) with one measurement group per finding.
+    triage: str | None = None,
+) -> str:
+    """A plain-language summary of the findings, for people and for text-only viewers.
 
-    ``sources`` are the images the findings refer to (one study); every
-    ``finding.source_sop_instance_uid`` must be one of them. ``finding.point`` is read as the
-    0-based (column, row) array index of a source pixel and written as that pixel's centre,
-    (column + 0.5, row + 0.5), in SCOORD image coordinates (PS3.3 C.18.6.1.1). ``created`` fixes
-    the creation/content date-times (default: now).
+    Images are named by their place in ``sources`` (and Instance Number when known), never by
+    patient data.
     """
-    common.check_identity(identity)
-    common.check_algorithm(algorithm)
+    names: dict[str, str] = {}
+    for n, source in enumerate(sources, start=1):
+        number = source.get("InstanceNumber")
+        names[str(source.SOPInstanceUID)] = (
+            f"image {n} (instance {number})" if number not in (None, "") else f"image {n}"
+        )
+
+    def describe(finding: Finding) -> str:
+        where = names.get(finding.source_sop_instance_uid, "an image")
+        return (
+            f"{finding.label} (probability {finding.probability:.2f}, threshold "
+            f"{finding.threshold:.2f}, {where})"
+        )
+
+    positive = [describe(f) for f in findings if f.present]
+    negative = [describe(f) for f in findings if not f.present]
+    lines = [
+        f"AI results of {algorithm.name} {algorithm.version}: {algorithm.disclaimer}.",
+    ]
+    if triage is not None:
+        lines.append(f"Triage level: {triage.upper()}.")
+    lines.append("Positive findings: " + ("; ".join(positive) if positive else "none") + ".")
+    lines.append("Negative findings: " + ("; ".join(negative) if negative else "none") + ".")
+    lines.append(
+        f"{len(sources)} image(s) analysed. A finding is positive when its probability reaches "
+        "its threshold. Not a diagnosis: verify against the images."
+    )
+    return "\n".join(lines)
+
+
+def report_evaluations(
+    sources: Sequence[Dataset],
+    findings: Sequence[Finding],
+    algorithm: AlgorithmInfo,
+    triage: str | None,
+) -> list[hd.sr.CodeContentItem | hd.sr.TextContentItem]:
+    """The report-level items: triage (CODE, when known) and the summary (TEXT)."""
+    items: list[hd.sr.CodeContentItem | hd.sr.TextContentItem] = []
+    if triage is not None:
+        items.append(
+            hd.sr.CodeContentItem(
+                name=TRIAGE_CONCEPT,
+                value=TRIAGE_CODES[triage],
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
+    items.append(
+        hd.sr.TextContentItem(
+            name=codes.DCM.Summary,
+            value=summary_text(sources, findings, algorithm, triage),
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+    )
+    return items
+
+
+def check_inputs(
+    sources: Sequence[Dataset], findings: Sequence[Finding], triage: str | None
+) -> list[Dataset]:
+    """Validate the inputs of a report; return the sources' header copies."""
     common.check_same_study(sources)
+    common.check_triage(triage)
     if not findings:
-        raise ValueError("a TID 1500 report needs at least one finding")
+        raise ValueError("a report needs at least one finding")
     headers = [common.source_header(s) for s in sources]
     by_uid: dict[str, Dataset] = {}
     for header in headers:
@@ -114,6 +189,31 @@ def build_sr(
         by_uid[str(header.SOPInstanceUID)] = header
     for finding in findings:
         _check_finding(finding, by_uid)
+    return headers
+
+
+def build_sr(
+    sources: Sequence[Dataset],
+    findings: Sequence[Finding],
+    algorithm: AlgorithmInfo,
+    identity: OutputIdentity,
+    *,
+    triage: str | None = None,
+    created: dt.datetime | None = None,
+) -> Dataset:
+    """Build a Comprehensive 3D SR (TID 1500) with one measurement group per finding.
+
+    ``sources`` are the images the findings refer to (one study); every
+    ``finding.source_sop_instance_uid`` must be one of them. ``finding.point`` is read as the
+    0-based (column, row) array index of a source pixel and written as that pixel's centre,
+    (column + 0.5, row + 0.5), in SCOORD image coordinates (PS3.3 C.18.6.1.1). ``triage`` is the
+    study's triage level ("routine", "urgent", "critical"), written when given. ``created``
+    fixes the creation/content date-times (default: now).
+    """
+    common.check_identity(identity)
+    common.check_algorithm(algorithm)
+    headers = check_inputs(sources, findings, triage)
+    by_uid = {str(header.SOPInstanceUID): header for header in headers}
 
     when = created or dt.datetime.now()
     labelled_name = f"{algorithm.name} [{algorithm.disclaimer}]"
@@ -197,6 +297,14 @@ def build_sr(
         imaging_measurements=groups,
         title=codes.cid7021.ImagingMeasurementReport,
     )
+    evaluations = hd.sr.ContainerContentItem(
+        name=QUALITATIVE_EVALUATIONS,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    evaluations.ContentSequence = hd.sr.ContentSequence(
+        report_evaluations(headers, findings, algorithm, triage)
+    )
+    report[0].ContentSequence.append(evaluations)
 
     sr = hd.sr.Comprehensive3DSR(
         evidence=headers,
@@ -219,9 +327,10 @@ def build_sr(
     )
     common.stamp_datetimes(sr, when)
     logger.info(
-        "built SR %s (%d findings) for %d source(s)",
+        "built SR %s (%d findings, triage %s) for %d source(s)",
         identity.sop_instance_uid,
         len(findings),
+        triage,
         len(headers),
     )
     return sr
