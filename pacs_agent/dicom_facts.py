@@ -41,6 +41,7 @@ NON_IMAGE_SOP_CLASSES: dict[str, str] = {
     "1.2.840.10008.5.1.4.1.1.88.59": "Key Object Selection Document",
     "1.2.840.10008.5.1.4.1.1.11.1": "Grayscale Softcopy Presentation State",
     "1.2.840.10008.5.1.4.1.1.66.4": "Segmentation Storage",
+    "1.2.840.10008.5.1.4.1.1.30": "Parametric Map Storage",
     "1.2.840.10008.5.1.4.1.1.104.1": "Encapsulated PDF Storage",
 }
 
@@ -125,7 +126,8 @@ def _check_pixels(ds: Dataset, transfer_syntax: UID, source: Path | None = None)
         if transfer_syntax.is_encapsulated:
             with open(source, "rb") as f:
                 f.seek(item.value_tell)
-                _check_fragments(f, source.stat().st_size, in_file=True)
+                fragments = _check_fragments(f, source.stat().st_size, in_file=True)
+            _check_frame_count(ds, fragments)
             return
         length = int(item.length)
         if item.value_tell + length > source.stat().st_size:
@@ -135,7 +137,8 @@ def _check_pixels(ds: Dataset, transfer_syntax: UID, source: Path | None = None)
         if raw is None or len(raw) == 0:
             raise RejectedDataset(STATUS_DATASET_MISMATCH, "image with empty Pixel Data")
         if transfer_syntax.is_encapsulated:
-            _check_fragments(io.BytesIO(raw), len(raw), in_file=False)
+            fragments = _check_fragments(io.BytesIO(raw), len(raw), in_file=False)
+            _check_frame_count(ds, fragments)
             return
         length = len(raw)
     if length == 0:
@@ -149,7 +152,7 @@ def _check_pixels(ds: Dataset, transfer_syntax: UID, source: Path | None = None)
         )
 
 
-def _check_fragments(buf: BinaryIO, end: int, *, in_file: bool) -> None:
+def _check_fragments(buf: BinaryIO, end: int, *, in_file: bool) -> int:
     """Walk the encapsulated Pixel Data item headers without reading the fragments.
 
     In a file the items must end with a Sequence Delimitation Item inside the file; an in-memory
@@ -179,6 +182,17 @@ def _check_fragments(buf: BinaryIO, end: int, *, in_file: bool) -> None:
         buf.seek(length, 1)
     if frames == 0:
         raise RejectedDataset(STATUS_CANNOT_UNDERSTAND, "encapsulated Pixel Data has no frames")
+    return frames
+
+
+def _check_frame_count(ds: Dataset, fragments: int) -> None:
+    """Each frame has at least one fragment: more frames than fragments cannot be decoded."""
+    frames = _int_or_none(ds, "NumberOfFrames") or 1
+    if frames < 1 or frames > fragments:
+        raise RejectedDataset(
+            STATUS_DATASET_MISMATCH,
+            f"Number of Frames {frames} does not fit {fragments} pixel data fragments",
+        )
 
 
 def _int_or_none(ds: Dataset, keyword: str) -> int | None:
@@ -196,6 +210,12 @@ def examine(ds: Dataset, transfer_syntax: UID, source: Path | None = None) -> Da
     series_uid = _uid(ds, "SeriesInstanceUID")
     sop_uid = _uid(ds, "SOPInstanceUID")
     sop_class = _uid(ds, "SOPClassUID")
+    meta_class = ds.file_meta.get("MediaStorageSOPClassUID") if hasattr(ds, "file_meta") else None
+    if meta_class and str(meta_class) != sop_class:
+        # For C-STORE the file meta is the request's: the dataset must be what was announced.
+        raise RejectedDataset(
+            STATUS_DATASET_MISMATCH, "SOP Class UID differs from the one the sender announced"
+        )
     modality = str(ds.get("Modality", "") or "") or None
     body_part = str(ds.get("BodyPartExamined", "") or "") or None
     rows = int(ds.Rows) if ds.get("Rows") not in (None, "") else None

@@ -314,6 +314,8 @@ def storescu(
             capture_output=True,
             text=True,
             timeout=120,
+            # Debian's dcmtk leaves Nagle's algorithm on: ~90 ms per small C-STORE without this.
+            env={**os.environ, "TCP_NODELAY": "1"},
         )
         out += result.stdout
         err += result.stderr

@@ -25,6 +25,7 @@ from pacs_agent.db.models import (
     Study,
 )
 from pacs_agent.db.session import Database, record_event
+from pacs_agent.http.stow import router as stow_router
 from pacs_agent.pull import PullRequest, PullWorker
 from pacs_agent.settings import Settings
 from pacs_agent.store import InstanceStore
@@ -68,6 +69,7 @@ class _ReplayGuard:
 def create_app(state: AgentState) -> FastAPI:
     app = FastAPI(title="pacs-agent", version=__version__)
     app.state.agent = state  # routers in other modules (e.g. STOW-RS) reach the state here
+    app.include_router(stow_router)
     replay = _ReplayGuard()
 
     def require_token(request: Request) -> None:
