@@ -103,6 +103,11 @@ class Settings(BaseSettings):
     worker_dtype: Literal["float32", "bfloat16"] = "float32"
     worker_concurrency: int = 1
     task_time_limit_s: int = 900
+    # A running job belongs to its worker for this long (unset: the task time limit); after
+    # that, a redelivered message or the agent's loop hands it to another worker.
+    job_lease_s: int | None = None
+    # Up to this many queued jobs share one model pass (a GPU does not want batch size 1).
+    worker_batch_jobs: int = 8
     # Result delivery: attempts per destination before it is marked failed, and the backoff
     # between them (exponential from delivery_backoff_s, capped, with jitter).
     delivery_attempts: int = 10
@@ -200,6 +205,10 @@ class Settings(BaseSettings):
         if self.bundle:
             return self.bundle.expanduser().resolve()
         return self.resolved_data_dir / "bundles" / "demo"
+
+    @property
+    def resolved_job_lease_s(self) -> int:
+        return self.job_lease_s or self.task_time_limit_s
 
     @property
     def resolved_agent_url(self) -> str:

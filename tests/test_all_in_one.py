@@ -20,9 +20,22 @@ def test_demo_runs_end_to_end_on_embedded_defaults(tmp_path: Path) -> None:
     out = tmp_path / "demo-output"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PACS_AGENT_")}
     res = subprocess.run(
-        [sys.executable, "-m", "pacs_agent.demo", "--output", str(out),
-         "--data-dir", str(tmp_path / "data"), "--timeout", "300"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "pacs_agent.demo",
+            "--output",
+            str(out),
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--timeout",
+            "300",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     print(res.stdout[-4000:])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -38,6 +51,7 @@ def test_demo_runs_end_to_end_on_embedded_defaults(tmp_path: Path) -> None:
         "Comprehensive 3D SR Storage": 2,
         "Segmentation Storage": 2,
         "Secondary Capture Image Storage": 2,
+        "Parametric Map Storage": 2,
     }, kinds
     # File names carry UIDs only.
     assert all(f.stem.replace(".", "").isdigit() for f in files)
@@ -45,9 +59,16 @@ def test_demo_runs_end_to_end_on_embedded_defaults(tmp_path: Path) -> None:
 
 def test_serve_refuses_unmigrated_database(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PACS_AGENT_")}
-    env.update(PACS_AGENT_DATA_DIR=str(tmp_path), PACS_AGENT_DICOM_PORT="0",
-               PACS_AGENT_HTTP_PORT="0")
-    res = subprocess.run([sys.executable, "-m", "pacs_agent.cli", "serve"], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=60)
+    env.update(
+        PACS_AGENT_DATA_DIR=str(tmp_path), PACS_AGENT_DICOM_PORT="0", PACS_AGENT_HTTP_PORT="0"
+    )
+    res = subprocess.run(
+        [sys.executable, "-m", "pacs_agent.cli", "serve"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 2
     assert "pacs-agent db upgrade" in res.stderr

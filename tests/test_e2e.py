@@ -32,6 +32,7 @@ SECRET = "e2e-webhook-secret"
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+PM_CLASS = "1.2.840.10008.5.1.4.1.1.30"
 
 
 @dataclass
@@ -77,6 +78,7 @@ def stack(
     agent.env["PACS_AGENT_DELIVERY_BACKOFF_MAX_S"] = "2"
     agent.env["PACS_AGENT_DELIVERY_ATTEMPTS"] = "60"
     agent.env["PACS_AGENT_BROKER_VISIBILITY_TIMEOUT_S"] = "8"
+    agent.env["PACS_AGENT_JOB_LEASE_S"] = "6"
     orthanc_args = dict(
         workdir=tmp / "orthanc",
         http_port=orthanc_http,
@@ -114,7 +116,12 @@ def _wait_outputs(
         found = _outputs(orthanc, study_uid)
         if all(
             len(found.get(c, [])) >= n
-            for c, n in ((SR_CLASS, 1), (SEG_CLASS, n_sources), (SC_CLASS, n_sources))
+            for c, n in (
+                (SR_CLASS, 1),
+                (SEG_CLASS, n_sources),
+                (SC_CLASS, n_sources),
+                (PM_CLASS, n_sources),
+            )
         ):
             return found
         if time.monotonic() > end:
@@ -147,8 +154,12 @@ def _check_outputs(found: dict[str, list[Dataset]], source: Dataset, tmp: Path) 
         ds.save_as(path, enforce_file_format=True)
         errors = dciodvfy_errors(path)
         assert errors == [], f"dciodvfy errors in {ds.SOPClassUID.name}: {errors}"
-    for ds in (segs[0], scs[0]):
+    [pm] = found[PM_CLASS]
+    for ds in (segs[0], scs[0], pm):
         assert (ds.Rows, ds.Columns) == (source.Rows, source.Columns)
+    pm_path = tmp / "pm.dcm"
+    pm.save_as(pm_path, enforce_file_format=True)
+    assert dciodvfy_errors(pm_path) == []
     assert "DEMO" in str(sr.SeriesDescription) + str(sr.get("ContentLabel", ""))
 
 
@@ -265,7 +276,7 @@ def test_pacs_down_gets_everything_once_when_back(stack: Stack, tmp_path: Path) 
         st = stack.agent.wait_study(uid, {"done", "failed"})
         assert st["status"] == "done", st
         found = _sop_uids(stack.orthanc, uid)
-        assert len(found) == 3 and len(set(found)) == 3  # SR, SEG, SC: each exactly once
+        assert len(found) == 4 and len(set(found)) == 4  # SR, SEG, SC, PM: each exactly once
 
 
 def test_worker_killed_mid_job_leaves_exactly_one_copy(stack: Stack, tmp_path: Path) -> None:
@@ -297,4 +308,4 @@ def test_worker_killed_mid_job_leaves_exactly_one_copy(stack: Stack, tmp_path: P
         assert job.attempts >= 2  # the job ran again after the kill
     db.dispose()
     found = _sop_uids(stack.orthanc, str(ds.StudyInstanceUID))
-    assert len(found) == 3 and len(set(found)) == 3
+    assert len(found) == 4 and len(set(found)) == 4

@@ -7,6 +7,7 @@ Instance UID, and deliveries already done are not repeated.
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import logging
 import os
@@ -15,11 +16,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from sqlalchemy import select
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from pacs_agent.db.models import (
     Instance,
@@ -121,7 +124,38 @@ def _write(root: Path, ds: Dataset) -> str:
     return target.relative_to(root).as_posix()
 
 
-def _claim(db: Database, job_id: int) -> tuple[Job, Study, list[str]] | None:
+@dataclass
+class ClaimedJob:
+    job_id: int
+    study_id: int
+    study_version: int
+    destinations: list[str]
+    sops: list[str]
+
+
+def _load_claimed(s: Session, job: Job, note: str) -> ClaimedJob:
+    sops = list(
+        s.scalars(
+            select(Instance.sop_instance_uid)
+            .where(
+                Instance.study_id == job.study_id,
+                Instance.study_version == job.study_version,
+                Instance.analysable.is_(True),
+            )
+            .order_by(Instance.id)
+        )
+    )
+    record_event(
+        s,
+        "job.running",
+        f"attempt {job.attempts}, {len(sops)} images{note}",
+        study_id=job.study_id,
+        job_id=job.id,
+    )
+    return ClaimedJob(job.id, job.study_id, job.study_version, list(job.destinations), sops)
+
+
+def _claim(db: Database, job_id: int, lease: dt.timedelta) -> ClaimedJob | None:
     with db.session() as s:
         job = s.get(Job, job_id)
         if job is None:
@@ -130,29 +164,48 @@ def _claim(db: Database, job_id: int) -> tuple[Job, Study, list[str]] | None:
         if job.status in (JobStatus.DONE.value, JobStatus.FAILED.value, JobStatus.DELIVERING.value):
             log.info("job %s already %s: nothing to do", job_id, job.status)
             return None
+        started = job.started_at
+        if started is not None and started.tzinfo is None:
+            started = started.replace(tzinfo=dt.UTC)
+        if job.status == JobStatus.RUNNING.value and started and started > utcnow() - lease:
+            # Another worker holds it (e.g. batched with its own job); a worker that died
+            # loses the lease, and the job is taken over by the next delivery of its message.
+            log.info("job %s is being processed elsewhere (lease held)", job_id)
+            return None
         job.status = JobStatus.RUNNING.value
         job.attempts += 1
         job.started_at = utcnow()
-        study = s.get_one(Study, job.study_id)
-        sops = list(
+        return _load_claimed(s, job, "")
+
+
+def _claim_more(db: Database, exclude: int, limit: int) -> list[ClaimedJob]:
+    """Take up to ``limit`` other queued jobs, so that one model pass serves several studies."""
+    if limit <= 0:
+        return []
+    with db.session() as s:
+        ids = list(
             s.scalars(
-                select(Instance.sop_instance_uid)
-                .where(
-                    Instance.study_id == job.study_id,
-                    Instance.study_version == job.study_version,
-                    Instance.analysable.is_(True),
-                )
-                .order_by(Instance.id)
+                select(Job.id)
+                .where(Job.status == JobStatus.QUEUED.value, Job.id != exclude)
+                .order_by(Job.priority.desc(), Job.id)
+                .limit(limit)
             )
         )
-        record_event(
-            s,
-            "job.running",
-            f"attempt {job.attempts}, {len(sops)} images",
-            study_id=study.id,
-            job_id=job.id,
-        )
-        return job, study, sops
+    claimed = []
+    for jid in ids:
+        with db.session() as s:
+            taken = s.execute(  # type: ignore[attr-defined]
+                update(Job)
+                .where(Job.id == jid, Job.status == JobStatus.QUEUED.value)
+                .values(
+                    status=JobStatus.RUNNING.value, attempts=Job.attempts + 1, started_at=utcnow()
+                )
+            ).rowcount
+            if taken == 1:
+                claimed.append(
+                    _load_claimed(s, s.get_one(Job, jid), f", batched with job {exclude}")
+                )
+    return claimed
 
 
 def _finish(
@@ -232,19 +285,110 @@ def deliver(ctx: WorkerContext, job_id: int) -> str:
         _deliver(ctx, job_id, study_id, destinations)
         return "delivered"
     with ctx.db.session() as s:
-        s.get_one(Job, job_id).status = JobStatus.RUNNING.value
+        s.get_one(Job, job_id).status = JobStatus.QUEUED.value  # claimable by process()
     return process(ctx, job_id)
 
 
-def process(ctx: WorkerContext, job_id: int) -> str:
-    claimed = _claim(ctx.db, job_id)
-    if claimed is None:
-        return "skipped"
-    job, study, sops = claimed
-    settings = ctx.settings
-    try:
-        from workers.imaging import ImageError, decode
+def _store_outputs(
+    ctx: WorkerContext,
+    job_id: int,
+    outputs: list[tuple[str, Dataset, str | None]],
+    results: list[ImageResult],
+) -> None:
+    root = ctx.settings.results_dir
+    with ctx.db.session() as s:
+        for kind, ds, source_uid in outputs:
+            relpath = _write(root, ds)
+            summary: dict[str, object] = {
+                "sop_class": ds.SOPClassUID.name,
+                "series_description": str(ds.get("SeriesDescription", "")),
+                "rows": int(ds.get("Rows", 0) or 0) or None,
+                "columns": int(ds.get("Columns", 0) or 0) or None,
+            }
+            if kind == "sr":
+                summary["findings"] = [
+                    {
+                        "label": f.label,
+                        "probability": round(f.probability, 4),
+                        "present": f.present,
+                        "source": f.source_sop_instance_uid,
+                    }
+                    for r in results
+                    for f in r.findings
+                ]
+            existing = s.scalar(
+                select(Result).where(Result.sop_instance_uid == str(ds.SOPInstanceUID))
+            )
+            if existing is None:
+                s.add(
+                    Result(
+                        job_id=job_id,
+                        kind=kind,
+                        sop_instance_uid=str(ds.SOPInstanceUID),
+                        series_instance_uid=str(ds.SeriesInstanceUID),
+                        sop_class_uid=str(ds.SOPClassUID),
+                        source_sop_instance_uid=source_uid,
+                        path=relpath,
+                        summary=summary,
+                    )
+                )
+            else:
+                existing.path = relpath
+                existing.summary = summary
 
+
+@dataclass
+class _Prepared:
+    claim: ClaimedJob
+    sources: list[Dataset] = field(default_factory=list)
+    images: list[tuple[str, Any]] = field(default_factory=list)
+
+
+def _prepare(ctx: WorkerContext, claim: ClaimedJob) -> _Prepared:
+    from workers.imaging import ImageError, decode
+
+    prep = _Prepared(claim)
+    skipped: list[str] = []
+    for sop in claim.sops:
+        ds = fetch_instance(ctx.settings, sop)
+        try:
+            prep.images.append((sop, decode(ds)))
+            prep.sources.append(ds)
+        except ImageError as exc:
+            skipped.append(f"{sop}: {exc}")
+    if skipped:
+        with ctx.db.session() as s:
+            record_event(
+                s,
+                "job.images_skipped",
+                "; ".join(skipped),
+                study_id=claim.study_id,
+                job_id=claim.job_id,
+                level="warning",
+            )
+    if not prep.images:
+        raise JobError("no image could be decoded: " + "; ".join(skipped))
+    return prep
+
+
+def process(ctx: WorkerContext, job_id: int) -> str:
+    """Run a job, together with other queued jobs (one model pass for all their images)."""
+    settings = ctx.settings
+    lease = dt.timedelta(seconds=settings.resolved_job_lease_s)
+    first = _claim(ctx.db, job_id, lease)
+    if first is None:
+        return "skipped"
+    claims = [first, *_claim_more(ctx.db, job_id, settings.worker_batch_jobs - 1)]
+    prepared: list[_Prepared] = []
+    for claim in claims:
+        try:
+            prepared.append(_prepare(ctx, claim))
+        except Exception as exc:
+            log.exception("job %s failed while fetching or decoding", claim.job_id)
+            _finish(ctx.db, claim.job_id, error=f"{type(exc).__name__}: {exc}")
+    if not prepared:
+        return "failed"
+    try:
         runner = ctx.runner()
         bundle = runner.bundle  # type: ignore[attr-defined]
         algorithm = AlgorithmInfo(
@@ -253,83 +397,43 @@ def process(ctx: WorkerContext, job_id: int) -> str:
             checksum=bundle.checksum,
             is_demo=bundle.is_demo,
         )
-        sources: list[Dataset] = []
-        images = []
-        skipped: list[str] = []
-        for sop in sops:
-            ds = fetch_instance(settings, sop)
-            try:
-                images.append((sop, decode(ds)))
-                sources.append(ds)
-            except ImageError as exc:
-                skipped.append(f"{sop}: {exc}")
-        if skipped:
-            with ctx.db.session() as s:
-                record_event(
-                    s,
-                    "job.images_skipped",
-                    "; ".join(skipped),
-                    study_id=study.id,
-                    job_id=job_id,
-                    level="warning",
-                )
-        if not images:
-            raise JobError("no image could be decoded: " + "; ".join(skipped))
         t0 = time.monotonic()
-        results = runner.run(images)  # type: ignore[attr-defined]
+        all_results = runner.run([img for p in prepared for img in p.images])  # type: ignore[attr-defined]
         log.info(
-            "job %s: model ran on %d images in %.2f s", job_id, len(images), time.monotonic() - t0
+            "model ran on %d images of %d jobs in %.2f s",
+            sum(len(p.images) for p in prepared),
+            len(prepared),
+            time.monotonic() - t0,
         )
-        outputs = build_outputs(
-            sources, results, algorithm, job.study_version, OutputOptions.from_settings(settings)
-        )
-        root = settings.results_dir
-        with ctx.db.session() as s:
-            for kind, ds, source_uid in outputs:
-                relpath = _write(root, ds)
-                summary = {
-                    "sop_class": ds.SOPClassUID.name,
-                    "series_description": str(ds.get("SeriesDescription", "")),
-                    "rows": int(ds.get("Rows", 0) or 0) or None,
-                    "columns": int(ds.get("Columns", 0) or 0) or None,
-                }
-                if kind == "sr":
-                    summary["findings"] = [
-                        {
-                            "label": f.label,
-                            "probability": round(f.probability, 4),
-                            "present": f.present,
-                            "source": f.source_sop_instance_uid,
-                        }
-                        for r in results
-                        for f in r.findings
-                    ]
-                existing = s.scalar(
-                    select(Result).where(Result.sop_instance_uid == str(ds.SOPInstanceUID))
-                )
-                if existing is None:
-                    s.add(
-                        Result(
-                            job_id=job_id,
-                            kind=kind,
-                            sop_instance_uid=str(ds.SOPInstanceUID),
-                            series_instance_uid=str(ds.SeriesInstanceUID),
-                            sop_class_uid=str(ds.SOPClassUID),
-                            source_sop_instance_uid=source_uid,
-                            path=relpath,
-                            summary=summary,
-                        )
-                    )
-                else:
-                    existing.path = relpath
-                    existing.summary = summary
-        with ctx.db.session() as s:
-            j = s.get_one(Job, job_id)
-            j.triage = triage_level(results)
-            j.bundle_checksum = bundle.checksum
-        _deliver(ctx, job_id, study.id, list(job.destinations))
-        return "processed"
     except Exception as exc:
-        log.exception("job %s failed", job_id)
-        _finish(ctx.db, job_id, error=f"{type(exc).__name__}: {exc}")
+        log.exception("model run failed for jobs %s", [p.claim.job_id for p in prepared])
+        for p in prepared:
+            _finish(ctx.db, p.claim.job_id, error=f"{type(exc).__name__}: {exc}")
         return "failed"
+    by_uid = {r.source_sop_instance_uid: r for r in all_results}
+    status = "processed"
+    for p in prepared:
+        claim = p.claim
+        try:
+            results = [by_uid[sop] for sop, _ in p.images]
+            triage = triage_level(results)
+            outputs = build_outputs(
+                p.sources,
+                results,
+                algorithm,
+                claim.study_version,
+                OutputOptions.from_settings(settings),
+                triage=triage,
+            )
+            _store_outputs(ctx, claim.job_id, outputs, results)
+            with ctx.db.session() as s:
+                j = s.get_one(Job, claim.job_id)
+                j.triage = triage
+                j.bundle_checksum = bundle.checksum
+            _deliver(ctx, claim.job_id, claim.study_id, claim.destinations)
+        except Exception as exc:
+            log.exception("job %s failed", claim.job_id)
+            _finish(ctx.db, claim.job_id, error=f"{type(exc).__name__}: {exc}")
+            if claim.job_id == job_id:
+                status = "failed"
+    return status
