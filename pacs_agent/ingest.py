@@ -17,7 +17,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -191,6 +191,9 @@ class Ingestor:
     ) -> int:
         now = utcnow()
         with self.db.session() as s:
+            if s.get_bind().dialect.name == "postgresql":
+                # As for SQLite: the fsynced file is the durable record, repair rebuilds the row.
+                s.execute(text("SET LOCAL synchronous_commit TO OFF"))
             study = s.scalar(select(Study).where(Study.study_instance_uid == facts.study_uid))
             if study is None:
                 study = Study(

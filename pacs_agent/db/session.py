@@ -29,10 +29,11 @@ def make_engine(url: str) -> Engine:
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
-            # WAL lets the agent and a local worker process write side by side; FULL sync makes a
-            # committed row as durable as the fsynced instance file it describes.
+            # WAL lets the agent and a local worker process write side by side. NORMAL sync: a
+            # commit survives a process crash but may be lost on power loss; what must survive
+            # is the fsynced instance file, from which start-up repair rebuilds a lost row.
             cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
