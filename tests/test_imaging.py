@@ -198,3 +198,55 @@ def test_normalize() -> None:
     assert torch.allclose(t, torch.ones_like(t))
     with pytest.raises(ValueError):
         normalize(np.zeros((10, 10), np.float32), pre)
+
+
+# --------------------------------------------------------------------------------------------
+# decode pool and GPU decode
+
+
+def test_letterbox_transform_matches_letterbox() -> None:
+    from workers.imaging import letterbox_transform
+
+    for shape in ((1955, 1841), (300, 150), (64, 64), (17, 400)):
+        _, t = letterbox(np.zeros(shape, np.float32), 224)
+        assert letterbox_transform(shape, 224) == t
+
+
+def test_decode_pool_matches_serial_decode_in_order() -> None:
+    from workers.decode_pool import DecodePool
+
+    names = ["RG1_J2KR.dcm", "CT_small.dcm", "MR_small.dcm"]
+    paths = [rg1_path(n) for n in names]
+    bad = b"not a dicom file"
+    with DecodePool(size=224, workers=2) as pool:
+        out = list(pool.imap([(n, p) for n, p in zip(names, paths, strict=True)]
+                             + [("bad", bad)]))
+    assert [d.sop for d in out] == [*names, "bad"]
+    for d, p in zip(out[:3], paths, strict=True):
+        assert d.error is None and d.image is not None and d.backend == "cpu"
+        expected = decode(dcmread(p))
+        np.testing.assert_array_equal(d.image.display, expected)
+        boxed, transform = letterbox(expected, 224)
+        np.testing.assert_array_equal(d.image.boxed, boxed)
+        assert d.image.transform == transform and d.decode_s > 0
+    assert out[3].image is None and out[3].error
+
+
+def test_gpu_decode_falls_back_to_cpu_when_unavailable() -> None:
+    from workers.decode_pool import decode_auto, nvimgcodec_available
+
+    ds = dcmread(rg1_path("RG1_J2KR.dcm"))
+    image, backend = decode_auto(ds)
+    assert backend == ("gpu" if nvimgcodec_available() else "cpu")
+    np.testing.assert_array_equal(image, decode(dcmread(rg1_path("RG1_UNCR.dcm"))))
+
+
+def test_nvimgcodec_gpu_decode_equals_cpu_decode() -> None:
+    from workers.decode_pool import decode_gpu, nvimgcodec_available, nvimgcodec_unavailable_reason
+
+    if not nvimgcodec_available():
+        pytest.skip("GPU decode path NOT tested here: nvidia.nvimgcodec is not importable or "
+                    f"finds no GPU ({nvimgcodec_unavailable_reason()}); the CPU path is tested")
+    for name in ("RG1_J2KR.dcm", "RG3_J2KR.dcm"):
+        ds = dcmread(rg1_path(name))
+        np.testing.assert_array_equal(decode_gpu(ds), decode(dcmread(rg1_path(name))))

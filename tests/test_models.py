@@ -242,3 +242,205 @@ def test_runner_results_in_source_geometry(demo_dir: Path) -> None:
                for a, b in zip(bf16.findings, results[0].findings, strict=True))
     print(f"bfloat16 vs float32 max probability difference {diff:.3f}")
     assert diff < 0.2
+
+
+# --------------------------------------------------------------------------------------------
+# original DINOv2 layout (backbone_compatible.safetensors)
+
+
+def hf_file_to_original(folder: Path) -> dict[str, torch.Tensor]:
+    """The DINOv2 code's state dict from a transformers checkpoint file, written here from the
+    two documented layouts (not with the code under test): q, k, v rows fused into `qkv`."""
+    from safetensors.torch import load_file
+
+    sd = load_file(str(folder / "model.safetensors"))
+    out = {
+        "cls_token": sd["embeddings.cls_token"],
+        "pos_embed": sd["embeddings.position_embeddings"],
+        "mask_token": sd["embeddings.mask_token"],
+        "patch_embed.proj.weight": sd["embeddings.patch_embeddings.projection.weight"],
+        "patch_embed.proj.bias": sd["embeddings.patch_embeddings.projection.bias"],
+        "norm.weight": sd["layernorm.weight"],
+        "norm.bias": sd["layernorm.bias"],
+    }
+    if "embeddings.register_tokens" in sd:
+        out["register_tokens"] = sd["embeddings.register_tokens"]
+    layers = {int(k.split(".")[2]) for k in sd if k.startswith("encoder.layer.")}
+    for i in sorted(layers):
+        hf, dn = f"encoder.layer.{i}.", f"blocks.{i}."
+        for p in ("weight", "bias"):
+            out[f"{dn}attn.qkv.{p}"] = torch.cat(
+                [sd[f"{hf}attention.attention.{n}.{p}"] for n in ("query", "key", "value")]
+            )
+            out[f"{dn}attn.proj.{p}"] = sd[f"{hf}attention.output.dense.{p}"]
+            out[f"{dn}norm1.{p}"] = sd[f"{hf}norm1.{p}"]
+            out[f"{dn}norm2.{p}"] = sd[f"{hf}norm2.{p}"]
+            if f"{hf}mlp.weights_in.{p}" in sd:
+                out[f"{dn}mlp.w12.{p}"] = sd[f"{hf}mlp.weights_in.{p}"]
+                out[f"{dn}mlp.w3.{p}"] = sd[f"{hf}mlp.weights_out.{p}"]
+            else:
+                out[f"{dn}mlp.fc1.{p}"] = sd[f"{hf}mlp.fc1.{p}"]
+                out[f"{dn}mlp.fc2.{p}"] = sd[f"{hf}mlp.fc2.{p}"]
+        out[f"{dn}ls1.gamma"] = sd[f"{hf}layer_scale1.lambda1"]
+        out[f"{dn}ls2.gamma"] = sd[f"{hf}layer_scale2.lambda1"]
+    return out
+
+
+@pytest.mark.parametrize("variant", ["plain", "swiglu", "registers"])
+def test_original_layout_parity(tmp_path: Path, variant: str) -> None:
+    from dataclasses import replace
+
+    from safetensors.torch import save_file
+    from transformers import AutoModel
+
+    from workers.models.dinov2_loader import load_dinov2_original
+
+    folder = _hf_folder(tmp_path, variant)
+    orig = tmp_path / "orig"
+    orig.mkdir()
+    save_file(hf_file_to_original(folder), str(orig / "backbone_compatible.safetensors"))
+    via_hf, cfg_hf, _ = load_hf_dinov2(folder)
+    ours, cfg = load_dinov2_original(orig, num_heads=4)
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.image_size,
+            cfg.num_register_tokens, cfg.use_swiglu_ffn) == (
+        cfg_hf.hidden_size, cfg_hf.num_hidden_layers, cfg_hf.num_attention_heads,
+        cfg_hf.image_size, cfg_hf.num_register_tokens, cfg_hf.use_swiglu_ffn)
+    ref = AutoModel.from_pretrained(folder, attn_implementation="eager").eval()
+    n_reg = cfg.num_register_tokens
+    x = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a, b = ours(x, output_attentions=True), via_hf(x, output_attentions=True)
+        hidden = ref(pixel_values=x).last_hidden_state
+    # identical to the same weights loaded from the transformers layout, and to transformers
+    assert torch.equal(a.cls_token, b.cls_token) and torch.equal(a.patch_tokens, b.patch_tokens)
+    assert a.last_attention is not None and b.last_attention is not None
+    assert torch.equal(a.last_attention, b.last_attention)
+    assert (a.patch_tokens - hidden[:, 1 + n_reg :]).abs().max().item() < TOL
+    # off the native grid the original code interpolates position embeddings by a scale factor
+    # with a 0.1 offset (no registers) or by size with antialiasing (registers, as transformers)
+    y = torch.randn(1, 3, 70, 42)
+    with torch.no_grad():
+        hf_y = ref(pixel_values=y).last_hidden_state[:, 1 + n_reg :]
+        by_size = DinoViT(replace(cfg, interpolate_offset=0.0)).eval()
+        by_size.load_state_dict(ours.state_dict())
+        assert (by_size(y).patch_tokens - hf_y).abs().max().item() < TOL
+        if n_reg:
+            assert cfg.interpolate_offset == 0.0 and cfg.interpolate_antialias
+        else:
+            assert cfg.interpolate_offset == 0.1
+            assert torch.isfinite(ours(y).patch_tokens).all()
+
+
+def test_original_layout_training_checkpoint_keys(tmp_path: Path) -> None:
+    """teacher.backbone. prefix, FSDP block chunks, no LayerScale, no mask token, DINO heads."""
+
+    from workers.models.dinov2_loader import Dinov2LoadError, load_dinov2_original
+
+    folder = _hf_folder(tmp_path, "plain")
+    sd = hf_file_to_original(folder)
+    ref, _ = load_dinov2_original(_saved(tmp_path / "a.safetensors", sd), num_heads=4)
+    ckpt = {}
+    for k, v in sd.items():
+        if k.endswith(("ls1.gamma", "ls2.gamma")) or k == "mask_token":
+            continue
+        if k.startswith("blocks."):
+            i = int(k.split(".")[1])
+            k = f"blocks.{i // 2}.{i}." + k.split(".", 2)[2]  # chunked: blocks.<chunk>.<i>.
+        ckpt["teacher.backbone." + k] = v
+    ckpt["teacher.dino_head.mlp.0.weight"] = torch.zeros(4, 4)
+    model, cfg = load_dinov2_original(_saved(tmp_path / "b.safetensors", ckpt), num_heads=4)
+    no_ls = {k: (torch.ones_like(v) if k.endswith("gamma") else v)
+             for k, v in ref.state_dict().items()}
+    expected = DinoViT(cfg).eval()
+    expected.load_state_dict(no_ls)
+    x = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        assert torch.equal(model(x).patch_tokens, expected(x).patch_tokens)
+    bad = dict(sd)
+    bad["blocks.0.attn.extra"] = torch.zeros(1)
+    with pytest.raises(Dinov2LoadError, match="unexpected"):
+        load_dinov2_original(_saved(tmp_path / "c.safetensors", bad), num_heads=4)
+    del ckpt
+
+
+def _saved(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    return path
+
+
+def test_flops_formula() -> None:
+    cfg = ViTConfig.vit_base(image_size=518)
+    n, d = 37 * 37 + 1, 768
+    expected = 12 * (24 * n * d * d + 4 * n * n * d) + 2 * (37 * 37) * 3 * 14 * 14 * d
+    assert cfg.flops_per_image() == pytest.approx(expected)
+    assert 300e9 < cfg.flops_per_image() < 306e9  # "ViT-B/14 at 518 px: about 303 GFLOP"
+
+
+# --------------------------------------------------------------------------------------------
+# heatmaps, QC
+
+
+def test_class_activation_maps_average_to_the_logit() -> None:
+    from workers.models.adapters import attention_maps, class_activation_maps
+
+    cfg = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=42)
+    model = DinoViT(cfg).eval()
+    init_weights(model, torch.Generator().manual_seed(0))
+    head = ClassificationHead(32, 3)
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 42, 56), output_attentions=True)
+        cam = class_activation_maps(head, out.cls_token, out.patch_tokens, out.grid)
+        logits = head(out.cls_token, out.patch_tokens)
+    assert cam.shape == (2, 3, 3, 4)
+    assert torch.allclose(cam.mean(dim=(2, 3)), logits, atol=1e-5)
+    assert out.last_attention is not None
+    per_head = attention_maps(out.last_attention, out.grid)
+    assert per_head.shape == (2, 2, 3, 4)
+    assert torch.allclose(per_head.mean(1), cls_attention_map(out.last_attention, out.grid))
+
+
+def test_runner_cam_qc_and_head_maps(demo_dir: Path) -> None:
+    from workers.models.qc import QC_LABELS, qc_refusal
+
+    bundle = load_bundle(demo_dir)
+    assert set(bundle.qc_heads) == {"view", "body_part"}
+    img = np.random.default_rng(1).random((300, 200)).astype(np.float32)
+    runner = ModelRunner(bundle, head_maps=True)
+    r = runner.run([("1.2.3", img)])[0]
+    cam = r.extra["cam"]
+    assert isinstance(cam, dict) and list(cam) == bundle.labels
+    for m in cam.values():
+        assert m.shape == (300, 200) and np.isfinite(m).all()
+    heads = r.extra["attention_heads"]
+    assert isinstance(heads, np.ndarray)
+    assert heads.shape == (bundle.encoder_config.num_attention_heads, 300, 200)
+    qc = r.extra["qc"]
+    assert isinstance(qc, dict)
+    view, p_view = qc["view"]
+    assert view in QC_LABELS["view"] and 0.0 < p_view < 0.5  # demo QC heads: near-uniform
+    assert qc["body_part"][0] in QC_LABELS["body_part"]
+    assert qc_refusal(r, bundle.intended) is None  # the demo never refuses
+    # run_prepared on prepared inputs gives the same results as run
+    again = next(runner.run_prepared([runner.prepare("1.2.3", img)]))
+    assert again.findings == r.findings
+
+
+def test_qc_refusal_reasons() -> None:
+    from workers.models.qc import qc_refusal
+    from workers.results import ImageResult
+
+    def result(view: tuple[str, float], part: tuple[str, float]) -> ImageResult:
+        z = np.zeros((4, 4), np.float32)
+        return ImageResult("1.2", [], np.zeros((0, 4, 4), bool), [], z, z,
+                           extra={"qc": {"view": view, "body_part": part}})
+
+    chest_pa = {"anatomy": "chest", "views": ["PA", "AP"]}
+    assert qc_refusal(result(("PA", 0.9), ("CHEST", 0.95)), chest_pa) is None
+    reason = qc_refusal(result(("LATERAL", 0.8), ("CHEST", 0.9)), chest_pa)
+    assert reason is not None and "LATERAL" in reason and "PA/AP" in reason
+    reason = qc_refusal(result(("PA", 0.6), ("EXTREMITY", 0.97)), chest_pa)
+    assert reason is not None and "EXTREMITY" in reason and "chest" in reason
+    assert qc_refusal(result(("LATERAL", 0.4), ("EXTREMITY", 0.3)), chest_pa) is None  # unsure
+    assert qc_refusal(result(("LATERAL", 0.9), ("CHEST", 0.9)), {}) is None  # nothing intended

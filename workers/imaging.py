@@ -30,7 +30,9 @@ __all__ = [
     "Preprocessing",
     "Transform",
     "decode",
+    "decode_stored",
     "letterbox",
+    "letterbox_transform",
     "normalize",
 ]
 
@@ -117,7 +119,15 @@ def decode(ds: Dataset) -> np.ndarray:
         raise ImageError(
             f"cannot decode pixel data (transfer syntax {tsyntax}): {type(exc).__name__}: {exc}"
         ) from exc
+    return decode_stored(ds, arr)
 
+
+def decode_stored(ds: Dataset, arr: np.ndarray) -> np.ndarray:
+    """The second half of `decode`: stored pixel values (as `ds.pixel_array` gives them, from
+    any decoder, e.g. a GPU one) -> float32 [rows, columns], 0..1, bright = dense."""
+    rows = int(ds.get("Rows", 0) or 0)
+    cols = int(ds.get("Columns", 0) or 0)
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     if photometric in ("MONOCHROME1", "MONOCHROME2"):
         if n_frames > 1 and arr.ndim == 3:
@@ -305,12 +315,11 @@ class Transform:
         x = self.pad_left + (np.arange(cols, dtype=np.float64) + 0.5) * self.scale_x
         gy = y * (h / ext_h) - 0.5
         gx = x * (w / ext_w) - 0.5
-        y0, y1, wy = _bilinear_taps(gy, h)
-        x0, x1, wx = _bilinear_taps(gx, w)
-        wy32 = wy.astype(np.float32)[None, :, None]
-        wx32 = wx.astype(np.float32)[None, None, :]
-        along_rows = m[:, y0, :] * (1.0 - wy32) + m[:, y1, :] * wy32  # [k, rows, w]
-        out = along_rows[:, :, x0] * (1.0 - wx32) + along_rows[:, :, x1] * wx32
+        # Separable bilinear interpolation as two small matrix products per map:
+        # out = Wy [rows, h] @ m [h, w] @ Wx^T [w, cols], each row of Wy/Wx holding two taps.
+        wy_mat = _tap_matrix(gy, h)
+        wx_mat = _tap_matrix(gx, w)
+        out = np.matmul(np.matmul(wy_mat[None], m), wx_mat.T[None])  # [k, rows, cols]
         out = np.ascontiguousarray(out, dtype=np.float32)
         return out[0] if squeeze else out
 
@@ -326,6 +335,39 @@ def _bilinear_taps(g: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.nd
     return i0, i1, g - i0
 
 
+def _tap_matrix(g: np.ndarray, n: int) -> np.ndarray:
+    """[len(g), n] float32 linear-interpolation weights at fractional cell indices `g`
+    (clamped at the borders: edge cells extend to the edge)."""
+    i0, i1, frac = _bilinear_taps(g, n)
+    mat = np.zeros((len(g), n), dtype=np.float64)
+    rows = np.arange(len(g))
+    np.add.at(mat, (rows, i0), 1.0 - frac)
+    np.add.at(mat, (rows, i1), frac)
+    return mat.astype(np.float32)
+
+
+def letterbox_transform(shape: tuple[int, int], size: int) -> Transform:
+    """The `Transform` that `letterbox` returns for an image of `shape`, without the image."""
+    rows, cols = int(shape[0]), int(shape[1])
+    if rows < 1 or cols < 1:
+        raise ValueError(f"empty image shape {shape}")
+    if size < 1:
+        raise ValueError(f"size must be positive, got {size}")
+    scale = size / max(rows, cols)
+    new_h = max(1, min(size, int(round(rows * scale))))
+    new_w = max(1, min(size, int(round(cols * scale))))
+    return Transform(
+        source_shape=(rows, cols),
+        size=size,
+        scale=scale,
+        scale_y=new_h / rows,
+        scale_x=new_w / cols,
+        pad_top=(size - new_h) // 2,
+        pad_left=(size - new_w) // 2,
+        resized_shape=(new_h, new_w),
+    )
+
+
 def letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, Transform]:
     """Fit the whole image into `size` x `size`: the longer side scaled to `size`, the other
     padded symmetrically with 0. Anti-aliased bilinear resampling. Returns float32 and the
@@ -338,9 +380,8 @@ def letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, Transform]:
     rows, cols = img.shape
     if rows < 1 or cols < 1:
         raise ValueError(f"empty image {img.shape}")
-    scale = size / max(rows, cols)
-    new_h = max(1, min(size, int(round(rows * scale))))
-    new_w = max(1, min(size, int(round(cols * scale))))
+    transform = letterbox_transform((rows, cols), size)
+    new_h, new_w = transform.resized_shape
     if (new_h, new_w) == (rows, cols):
         resized = img
     else:
@@ -352,20 +393,9 @@ def letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, Transform]:
             .squeeze(0)
             .numpy()
         )
-    pad_top = (size - new_h) // 2
-    pad_left = (size - new_w) // 2
     out = np.zeros((size, size), dtype=np.float32)
-    out[pad_top : pad_top + new_h, pad_left : pad_left + new_w] = resized
-    transform = Transform(
-        source_shape=(rows, cols),
-        size=size,
-        scale=scale,
-        scale_y=new_h / rows,
-        scale_x=new_w / cols,
-        pad_top=pad_top,
-        pad_left=pad_left,
-        resized_shape=(new_h, new_w),
-    )
+    top, left = transform.pad_top, transform.pad_left
+    out[top : top + new_h, left : left + new_w] = resized
     return out, transform
 
 

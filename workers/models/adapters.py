@@ -9,7 +9,13 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ClassificationHead", "LinearSegHead", "cls_attention_map"]
+__all__ = [
+    "ClassificationHead",
+    "LinearSegHead",
+    "attention_maps",
+    "class_activation_maps",
+    "cls_attention_map",
+]
 
 
 class ClassificationHead(nn.Module):
@@ -27,6 +33,14 @@ class ClassificationHead(nn.Module):
     def forward(self, cls_token: torch.Tensor, patch_tokens: torch.Tensor) -> torch.Tensor:
         features = torch.cat((cls_token, patch_tokens.mean(dim=1)), dim=-1)
         return self.linear(features)
+
+    def patch_logits(self, cls_token: torch.Tensor, patch_tokens: torch.Tensor) -> torch.Tensor:
+        """Per-patch logits [B, N, n_labels] whose mean over the patches is exactly `forward`'s
+        logit: the patch half of the weights applied to each token, plus the CLS half and the
+        bias (a class-activation map; the head is linear in the mean patch token)."""
+        w_cls, w_patch = self.linear.weight[:, : self.dim], self.linear.weight[:, self.dim :]
+        image_part = cls_token @ w_cls.T + self.linear.bias  # [B, L]
+        return patch_tokens @ w_patch.T + image_part[:, None, :]
 
 
 class LinearSegHead(nn.Module):
@@ -57,11 +71,34 @@ def cls_attention_map(
 
     `last_attention` is [B, heads, T, T] with token order CLS, registers, patches.
     """
+    return attention_maps(last_attention, grid, n_prefix_tokens).mean(dim=1)
+
+
+def class_activation_maps(
+    head: ClassificationHead,
+    cls_token: torch.Tensor,
+    patch_tokens: torch.Tensor,
+    grid: tuple[int, int],
+) -> torch.Tensor:
+    """Per-label class-activation maps [B, n_labels, h, w] on the token grid, in logit units:
+    each patch token scored by the classifier (`ClassificationHead.patch_logits`)."""
+    b, n, _ = patch_tokens.shape
+    h, w = grid
+    if n != h * w:
+        raise ValueError(f"{n} patch tokens do not fill a {h} x {w} grid")
+    logits = head.patch_logits(cls_token, patch_tokens)  # [B, N, L]
+    return logits.transpose(1, 2).reshape(b, head.n_labels, h, w)
+
+
+def attention_maps(
+    last_attention: torch.Tensor, grid: tuple[int, int], n_prefix_tokens: int = 1
+) -> torch.Tensor:
+    """The CLS token's attention to each patch, per head -> [B, heads, h, w] (DINO's per-head
+    maps; `cls_attention_map` is their mean)."""
     if last_attention.ndim != 4:
         raise ValueError(f"expected [B, heads, T, T], got {tuple(last_attention.shape)}")
-    b, _, t, _ = last_attention.shape
+    b, heads, t, _ = last_attention.shape
     h, w = grid
     if t != n_prefix_tokens + h * w:
         raise ValueError(f"{t} tokens != {n_prefix_tokens} prefix + {h} x {w} patches")
-    cls_to_patches = last_attention[:, :, 0, n_prefix_tokens:]  # [B, heads, N]
-    return cls_to_patches.mean(dim=1).reshape(b, h, w)
+    return last_attention[:, :, 0, n_prefix_tokens:].reshape(b, heads, h, w)

@@ -9,12 +9,22 @@ A bundle is a folder with `manifest.json`::
       "adapters": {
         "classifier": {"path": "adapters/classifier.safetensors", "sha256": "...",
                        "labels": [...], "thresholds": [...]},
-        "segmenter": {"path": "adapters/segmenter.safetensors", "sha256": "...", "classes": [...]}
+        "segmenter": {"path": "adapters/segmenter.safetensors", "sha256": "...", "classes": [...]},
+        "view": {"path": "adapters/view.safetensors", "sha256": "...",
+                 "labels": ["PA", "AP", "LATERAL"]},
+        "body_part": {"path": "adapters/body_part.safetensors", "sha256": "...",
+                      "labels": ["CHEST", "EXTREMITY", ...]}
       },
       "preprocessing": {"size": 518, "mean": [...], "std": [...]},
       "random_weights": false,
       "intended": {"anatomy": "chest", "views": ["PA", "AP"]}
     }
+
+Encoder formats: `hf-dinov2` (transformers `Dinov2Model` folder) and `dinov2-original` (the
+original DINOv2 code's state dict, e.g. RAD-DINO's `backbone_compatible.safetensors`; the entry
+then names its `weights` file and carries the full encoder `config`, since shapes do not give
+the number of heads). Every adapter is optional; `view` and `body_part` are quality-control heads
+(`workers.models.qc`).
 
 `load_bundle` checks every file's sha256 before it reads any weights, and loads local
 safetensors files only, with `strict=True`. The encoder path may be absolute (an installation
@@ -28,6 +38,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +50,7 @@ from safetensors.torch import load_file, save_file
 
 from workers.imaging import Preprocessing
 from workers.models.adapters import ClassificationHead, LinearSegHead
+from workers.models.dinov2_loader import Dinov2LoadError, load_dinov2_original
 from workers.models.hf_loader import (
     CONFIG_FILE,
     PREPROCESSOR_FILE,
@@ -48,6 +60,7 @@ from workers.models.hf_loader import (
     read_preprocessing,
     save_hf_layout,
 )
+from workers.models.qc import QC_LABELS, QC_TASKS
 from workers.models.vit import DinoViT, ViTConfig, init_weights
 
 log = logging.getLogger(__name__)
@@ -55,16 +68,25 @@ log = logging.getLogger(__name__)
 __all__ = [
     "DEMO_LABELS",
     "DEMO_SEG_CLASSES",
+    "ENCODER_FORMATS",
     "MANIFEST",
     "Bundle",
     "BundleError",
+    "QCHead",
     "load_bundle",
+    "place_file",
+    "read_manifest",
+    "save_adapter",
     "sha256_file",
     "write_demo_bundle",
+    "write_derived_bundle",
+    "write_manifest",
 ]
 
 MANIFEST = "manifest.json"
 ENCODER_FORMAT = "hf-dinov2"
+ORIGINAL_FORMAT = "dinov2-original"
+ENCODER_FORMATS = (ENCODER_FORMAT, ORIGINAL_FORMAT)
 DEMO_LABELS = ["Cardiomegaly", "Pleural effusion", "Pneumothorax", "Consolidation", "Nodule"]
 DEMO_SEG_CLASSES = ["Lung field"]
 # RAD-DINO's published normalisation (grey X-rays replicated to 3 channels).
@@ -74,6 +96,15 @@ DEMO_STD = (0.2583, 0.2583, 0.2583)
 
 class BundleError(ValueError):
     """The bundle cannot be used; the message names the file or field at fault."""
+
+
+@dataclass
+class QCHead:
+    """A quality-control head: softmax over `labels` from the same features as the classifier."""
+
+    task: str  # "view" or "body_part"
+    head: ClassificationHead
+    labels: list[str]
 
 
 @dataclass
@@ -92,6 +123,24 @@ class Bundle:
     is_demo: bool
     checksum: str  # sha256 of manifest.json bytes
     intended: dict[str, Any] = field(default_factory=dict)
+    qc_heads: dict[str, QCHead] = field(default_factory=dict)
+    encoder_format: str = ENCODER_FORMAT
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def encoder_fingerprint(self) -> str:
+        """sha256 over what determines the encoder's features: its files' checksums, its
+        configuration and the preprocessing (the key of cached training features)."""
+        enc = self.manifest.get("encoder", {})
+        key = json.dumps(
+            {
+                "files": enc.get("files", {}),
+                "config": self.encoder_config.to_dict(),
+                "preprocessing": self.preprocessing.to_dict(),
+            },
+            sort_keys=True,
+        )
+        return hashlib.sha256(key.encode()).hexdigest()
 
 
 def sha256_file(path: Path) -> str:
@@ -106,46 +155,64 @@ def sha256_file(path: Path) -> str:
 # load
 
 
-def load_bundle(path: str | os.PathLike[str]) -> Bundle:
-    """Verify and load the bundle at `path` (its folder, or its manifest.json)."""
+def read_manifest(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any], str]:
+    """(bundle root, manifest dict, sha256 of the manifest bytes) for a bundle folder or its
+    manifest.json; checks only that the manifest is a JSON object."""
     p = Path(path)
     manifest_path = p if p.name == MANIFEST and p.is_file() else p / MANIFEST
     root = manifest_path.parent
     if not manifest_path.is_file():
         raise BundleError(f"missing file {MANIFEST} in {root}")
     raw = manifest_path.read_bytes()
-    checksum = hashlib.sha256(raw).hexdigest()
     try:
         manifest = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{MANIFEST}: not valid JSON: {exc}") from exc
     if not isinstance(manifest, dict):
         raise BundleError(f"{MANIFEST}: expected a JSON object")
+    return root, manifest, hashlib.sha256(raw).hexdigest()
+
+
+def encoder_dir(root: Path, manifest: dict[str, Any]) -> Path:
+    enc_rel = _str(_obj(manifest, "encoder"), "path", where="encoder")
+    return Path(enc_rel) if Path(enc_rel).is_absolute() else _inside(root, enc_rel)
+
+
+def load_bundle(path: str | os.PathLike[str]) -> Bundle:
+    """Verify and load the bundle at `path` (its folder, or its manifest.json)."""
+    root, manifest, checksum = read_manifest(path)
 
     name = _str(manifest, "name")
     version = _str(manifest, "version")
     enc = _obj(manifest, "encoder")
     fmt = enc.get("format")
-    if fmt != ENCODER_FORMAT:
-        raise BundleError(f"{MANIFEST}: encoder.format {fmt!r} is not supported ({ENCODER_FORMAT})")
+    if fmt not in ENCODER_FORMATS:
+        raise BundleError(f"{MANIFEST}: encoder.format {fmt!r} is not one of {ENCODER_FORMATS}")
     enc_rel = _str(enc, "path", where="encoder")
-    enc_dir = Path(enc_rel) if Path(enc_rel).is_absolute() else _inside(root, enc_rel)
+    enc_dir = encoder_dir(root, manifest)
     enc_files = _obj(enc, "files", where="encoder")
-    for required in (CONFIG_FILE, WEIGHTS_FILE):
-        if required not in enc_files:
-            raise BundleError(f"{MANIFEST}: encoder.files does not list {required}")
+    if fmt == ENCODER_FORMAT:
+        required: tuple[str, ...] = (CONFIG_FILE, WEIGHTS_FILE)
+    else:
+        required = (_str(enc, "weights", where="encoder"),)
+    for req in required:
+        if req not in enc_files:
+            raise BundleError(f"{MANIFEST}: encoder.files does not list {req}")
 
     adapters = manifest.get("adapters") or {}
     if not isinstance(adapters, dict):
         raise BundleError(f"{MANIFEST}: adapters must be an object")
-    cls_spec = adapters.get("classifier")
-    seg_spec = adapters.get("segmenter")
+    known = ("classifier", "segmenter", *QC_TASKS)
+    unknown = sorted(set(adapters) - set(known))
+    if unknown:
+        raise BundleError(f"{MANIFEST}: unknown adapters {unknown} (known: {list(known)})")
 
     # 1. every checksum, before any weights are read
     to_check: list[tuple[str, Path, str]] = []
     for rel, digest in enc_files.items():
         to_check.append((f"{enc_rel}/{rel}", _inside(enc_dir, rel), str(digest)))
-    for kind, spec in (("classifier", cls_spec), ("segmenter", seg_spec)):
+    for kind in known:
+        spec = adapters.get(kind)
         if spec is None:
             continue
         if not isinstance(spec, dict):
@@ -182,12 +249,7 @@ def load_bundle(path: str | os.PathLike[str]) -> Bundle:
         raise BundleError(f"{MANIFEST}: no preprocessing and no {PREPROCESSOR_FILE} listed")
 
     # 3. weights
-    try:
-        encoder, cfg, _ = load_hf_dinov2(enc_dir, with_preprocessing=False)
-    except HFLoadError as exc:
-        raise BundleError(f"encoder {enc_rel}: {exc}") from exc
-    except RuntimeError as exc:  # load_state_dict shape mismatches
-        raise BundleError(f"encoder {enc_rel}: {exc}") from exc
+    encoder, cfg = _load_encoder(enc, enc_dir, enc_rel, str(fmt))
     if preprocessing.size % cfg.patch_size:
         log.warning(
             "bundle %s: input size %d is not a multiple of the patch size %d; the border is unused",
@@ -197,6 +259,7 @@ def load_bundle(path: str | os.PathLike[str]) -> Bundle:
     classifier: ClassificationHead | None = None
     labels: list[str] = []
     thresholds: list[float] = []
+    cls_spec = adapters.get("classifier")
     if cls_spec is not None:
         labels = _str_list(cls_spec, "labels", "adapters.classifier")
         thresholds = [float(t) for t in _list(cls_spec, "thresholds", "adapters.classifier")]
@@ -212,12 +275,25 @@ def load_bundle(path: str | os.PathLike[str]) -> Bundle:
 
     segmenter: LinearSegHead | None = None
     seg_classes: list[str] = []
+    seg_spec = adapters.get("segmenter")
     if seg_spec is not None:
         seg_classes = _str_list(seg_spec, "classes", "adapters.segmenter")
         if not seg_classes:
             raise BundleError(f"{MANIFEST}: adapters.segmenter.classes is empty")
         segmenter = LinearSegHead(cfg.hidden_size, len(seg_classes))
         _load_adapter(segmenter, root, seg_spec["path"])
+
+    qc_heads: dict[str, QCHead] = {}
+    for task in QC_TASKS:
+        spec = adapters.get(task)
+        if spec is None:
+            continue
+        qc_labels = _str_list(spec, "labels", f"adapters.{task}")
+        if len(qc_labels) < 2:
+            raise BundleError(f"{MANIFEST}: adapters.{task}.labels needs at least 2 labels")
+        head = ClassificationHead(cfg.hidden_size, len(qc_labels))
+        _load_adapter(head, root, spec["path"])
+        qc_heads[task] = QCHead(task=task, head=head, labels=qc_labels)
 
     is_demo = bool(manifest.get("random_weights", False))
     intended = manifest.get("intended") or {}
@@ -240,7 +316,31 @@ def load_bundle(path: str | os.PathLike[str]) -> Bundle:
         is_demo=is_demo,
         checksum=checksum,
         intended=intended if isinstance(intended, dict) else {},
+        qc_heads=qc_heads,
+        encoder_format=str(fmt),
+        manifest=manifest,
     )
+
+
+def _load_encoder(
+    enc: dict[str, Any], enc_dir: Path, enc_rel: str, fmt: str
+) -> tuple[DinoViT, ViTConfig]:
+    try:
+        if fmt == ENCODER_FORMAT:
+            encoder, cfg, _ = load_hf_dinov2(enc_dir, with_preprocessing=False)
+            return encoder, cfg
+        try:
+            cfg = ViTConfig.from_dict(_obj(enc, "config", where="encoder"))
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, BundleError):
+                raise
+            raise BundleError(f"{MANIFEST}: encoder.config: {exc}") from exc
+        weights = _inside(enc_dir, _str(enc, "weights", where="encoder"))
+        return load_dinov2_original(weights, cfg)
+    except (HFLoadError, Dinov2LoadError) as exc:
+        raise BundleError(f"encoder {enc_rel}: {exc}") from exc
+    except RuntimeError as exc:  # load_state_dict shape mismatches
+        raise BundleError(f"encoder {enc_rel}: {exc}") from exc
 
 
 def _load_adapter(module: torch.nn.Module, root: Path, rel: str) -> None:
@@ -289,35 +389,101 @@ def _str_list(d: dict[str, Any], key: str, where: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
+# writing bundles (import, training, demo)
+
+
+def save_adapter(module: torch.nn.Module, root: Path, kind: str, **meta: Any) -> dict[str, Any]:
+    """Write `module` to `root/adapters/<kind>.safetensors`; returns its manifest entry
+    (`path`, `sha256` and `meta`)."""
+    rel = f"adapters/{kind}.safetensors"
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save_module(module, path)
+    return {"path": rel, "sha256": sha256_file(path), **meta}
+
+
+def place_file(src: Path, dst: Path, mode: str = "copy") -> Path:
+    """Put `src` at `dst`: `copy`, `link` (hard link, a copy across file systems) or `symlink`
+    (absolute). Checksums are taken of the result, so any mode is verified at load time."""
+    if mode not in ("copy", "link", "symlink"):
+        raise ValueError(f"mode must be copy, link or symlink, got {mode!r}")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists() or dst.is_symlink():
+        if dst.resolve() == src.resolve():
+            return dst
+        dst.unlink()
+    if mode == "symlink":
+        dst.symlink_to(src.resolve())
+        return dst
+    if mode == "link":
+        try:
+            os.link(src, dst)
+            return dst
+        except OSError:
+            pass
+    with tempfile.NamedTemporaryFile(dir=dst.parent, suffix=".tmp", delete=False) as tmp:
+        tmp_path = Path(tmp.name)
+    try:
+        shutil.copyfile(src, tmp_path)
+        os.replace(tmp_path, dst)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+    return dst
+
+
+def write_manifest(root: Path, manifest: dict[str, Any]) -> Path:
+    """Write `manifest.json` atomically (last: a bundle is complete once it exists)."""
+    path = root / MANIFEST
+    _atomic_write(path, (json.dumps(manifest, indent=2) + "\n").encode())
+    return path
+
+
+# --------------------------------------------------------------------------------------------
 # the DEMO bundle
 
 
-def write_demo_bundle(path: str | os.PathLike[str], seed: int = 0) -> Path:
-    """Write a DEMO bundle with seeded random weights (ViT-S/14 at 224 px) to `path`.
+def write_demo_bundle(
+    path: str | os.PathLike[str], seed: int = 0, *, config: ViTConfig | None = None
+) -> Path:
+    """Write a DEMO bundle with seeded random weights (ViT-S/14 at 224 px, or `config` at its
+    native size: tests use tiny encoders) to `path`.
 
     Deterministic for a given seed. The heads' scales and biases are set from the encoder's
     outputs on a few seeded synthetic images, so that probabilities spread around the thresholds
     and masks are neither empty nor full: the outputs exercise every downstream path but mean
-    nothing. Returns the bundle folder.
+    nothing. The quality-control heads are near-uniform (no class above 0.5), so they never
+    refuse an image. Returns the bundle folder.
     """
     root = Path(path)
     (root / "adapters").mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
-    cfg = ViTConfig.vit_small(image_size=224)
+    cfg = config or ViTConfig.vit_small(image_size=224)
     encoder = DinoViT(cfg)
     init_weights(encoder, gen)
     encoder.eval()
-    pre = Preprocessing(size=224, mean=DEMO_MEAN, std=DEMO_STD)
+    pre = Preprocessing(size=cfg.image_size, mean=DEMO_MEAN, std=DEMO_STD)
 
     classifier = ClassificationHead(cfg.hidden_size, len(DEMO_LABELS))
     segmenter = LinearSegHead(cfg.hidden_size, len(DEMO_SEG_CLASSES))
     _calibrate_demo_heads(encoder, classifier, segmenter, pre, gen, seed)
+    qc_modules: dict[str, ClassificationHead] = {}
+    for task, qc_labels in QC_LABELS.items():
+        head = ClassificationHead(cfg.hidden_size, len(qc_labels))
+        with torch.no_grad():
+            # logits of std about 0.2: near-uniform probabilities
+            scale = 0.2 / float(np.sqrt(2 * cfg.hidden_size))
+            head.linear.weight.copy_(torch.randn(head.linear.weight.shape, generator=gen) * scale)
+            head.linear.bias.zero_()
+        qc_modules[task] = head
 
     enc_files = save_hf_layout(encoder, cfg, root / "encoder", pre)
-    cls_path = root / "adapters" / "classifier.safetensors"
-    seg_path = root / "adapters" / "segmenter.safetensors"
-    _save_module(classifier, cls_path)
-    _save_module(segmenter, seg_path)
+    adapters: dict[str, Any] = {
+        "classifier": save_adapter(classifier, root, "classifier", labels=DEMO_LABELS,
+                                   thresholds=[0.5] * len(DEMO_LABELS)),
+        "segmenter": save_adapter(segmenter, root, "segmenter", classes=DEMO_SEG_CLASSES),
+    }
+    for task, head in qc_modules.items():
+        adapters[task] = save_adapter(head, root, task, labels=QC_LABELS[task])
 
     manifest = {
         "name": "pacs-agent chest demo - DEMO (random weights)",
@@ -329,25 +495,13 @@ def write_demo_bundle(path: str | os.PathLike[str], seed: int = 0) -> Path:
             "path": "encoder",
             "files": {f.name: sha256_file(f) for f in enc_files},
         },
-        "adapters": {
-            "classifier": {
-                "path": "adapters/classifier.safetensors",
-                "sha256": sha256_file(cls_path),
-                "labels": DEMO_LABELS,
-                "thresholds": [0.5] * len(DEMO_LABELS),
-            },
-            "segmenter": {
-                "path": "adapters/segmenter.safetensors",
-                "sha256": sha256_file(seg_path),
-                "classes": DEMO_SEG_CLASSES,
-            },
-        },
+        "adapters": adapters,
         "preprocessing": pre.to_dict(),
         "random_weights": True,
         "seed": seed,
         "intended": {"anatomy": "chest", "views": ["PA", "AP"]},
     }
-    _atomic_write(root / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    write_manifest(root, manifest)
     log.info("DEMO bundle (random weights, seed %d) written to %s", seed, root)
     return root
 
@@ -450,3 +604,51 @@ def _atomic_write(path: Path, data: bytes) -> None:
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def write_derived_bundle(
+    parent: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    new_adapters: dict[str, dict[str, Any]],
+    updates: dict[str, Any],
+    mode: str = "link",
+) -> Path:
+    """A new bundle at `out` from the bundle `parent`: the same encoder (files linked or copied;
+    an absolute encoder path stays as it is), the parent's adapters except those in
+    `new_adapters` (entries from `save_adapter(..., out, ...)`, already written), manifest keys
+    from `updates`, and a `parent` record. Every checksum is recomputed. Returns `out`."""
+    p_root, manifest, p_checksum = read_manifest(parent)
+    root = Path(out)
+    if root.resolve() == p_root.resolve():
+        raise BundleError("the new bundle must go to another folder than its parent")
+    root.mkdir(parents=True, exist_ok=True)
+    enc = dict(_obj(manifest, "encoder"))
+    enc_rel = _str(enc, "path", where="encoder")
+    if not Path(enc_rel).is_absolute():
+        src_dir = encoder_dir(p_root, manifest)
+        files: dict[str, str] = {}
+        for rel in _obj(enc, "files", where="encoder"):
+            dst = place_file(_inside(src_dir, rel), root / enc_rel / rel, mode)
+            files[rel] = sha256_file(dst)
+            if files[rel] != enc["files"][rel]:
+                raise BundleError(f"checksum mismatch for {enc_rel}/{rel} in the parent bundle")
+        enc["files"] = files
+    adapters: dict[str, Any] = {}
+    for kind, spec in (manifest.get("adapters") or {}).items():
+        if kind in new_adapters:
+            continue
+        rel = _str(spec, "path", where=f"adapters.{kind}")
+        dst = place_file(_inside(p_root, rel), _inside(root, rel), mode)
+        adapters[kind] = {**spec, "sha256": sha256_file(dst)}
+    adapters.update(new_adapters)
+    derived = {
+        **manifest,
+        "encoder": enc,
+        "adapters": adapters,
+        "parent": {"name": manifest.get("name"), "version": manifest.get("version"),
+                   "manifest_sha256": p_checksum},
+        **updates,
+    }
+    write_manifest(root, derived)
+    return root

@@ -97,6 +97,9 @@ def config_from_hf(data: dict[str, Any]) -> ViTConfig:
 def config_to_hf(cfg: ViTConfig) -> dict[str, Any]:
     """`ViTConfig` -> a `config.json` dict that transformers loads as Dinov2(WithRegisters)Model."""
     registers = cfg.num_register_tokens > 0
+    if cfg.interpolate_offset:
+        raise ValueError("transformers resizes position embeddings by size; an "
+                         "interpolate_offset has no Hugging Face equivalent")
     if registers != cfg.interpolate_antialias:
         raise ValueError(
             "transformers ties antialiased position interpolation to register tokens; "

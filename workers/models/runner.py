@@ -1,31 +1,76 @@
-"""Run a loaded bundle on decoded images and return results in source pixel geometry."""
+"""Run a loaded bundle on decoded images and return results in source pixel geometry.
+
+`ModelRunner.run` is the whole inference for a study: letterbox, batches of `batch_size` through
+the encoder (scaled-dot-product attention everywhere but the last layer, whose attention weights
+make the heatmaps), the adapters, and every map resampled onto the source pixels. On CUDA use
+`dtype="bfloat16"` (autocast); on CPU float32 is the default and bfloat16 works too.
+
+`run_prepared` takes images already decoded and letterboxed (by `workers.decode_pool`, in other
+processes) and yields results batch by batch, so decoding overlaps inference.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from workers.imaging import Transform, letterbox, normalize
-from workers.models.adapters import cls_attention_map
+from workers.models.adapters import attention_maps, class_activation_maps
 from workers.models.bundle import Bundle
+from workers.models.vit import EncoderOutput
 from workers.results import Finding, ImageResult
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ModelRunner"]
+__all__ = ["Embedding", "ModelRunner", "PreparedImage"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+@dataclass
+class PreparedImage:
+    """A decoded image placed in the model input: what the encoder needs and what maps back."""
+
+    sop: str
+    display: np.ndarray  # the decoded source image, 0..1, [rows, columns]
+    boxed: np.ndarray  # letterboxed [size, size], 0..1
+    transform: Transform
+
+
+@dataclass
+class Embedding:
+    """Frozen encoder features of one image (the `models embed` command, training)."""
+
+    sop: str
+    cls_token: np.ndarray  # [D]
+    patch_tokens: np.ndarray  # [h*w, D]
+    grid: tuple[int, int]
+    transform: Transform
+
+
 class ModelRunner:
-    """Holds a bundle's modules on one device. `run` is the whole inference for a study."""
+    """Holds a bundle's modules on one device. `run` is the whole inference for a study.
+
+    `cam`: per-label class-activation maps in `ImageResult.extra["cam"]`; `head_maps`: per-head
+    CLS attention maps in `extra["attention_heads"]` ([heads, rows, columns]; off by default,
+    they are large); QC heads, when the bundle has them, fill `extra["qc"]`.
+    """
 
     def __init__(
-        self, bundle: Bundle, device: str = "cpu", dtype: str = "float32", batch_size: int = 8
+        self,
+        bundle: Bundle,
+        device: str = "cpu",
+        dtype: str = "float32",
+        batch_size: int = 8,
+        *,
+        cam: bool = True,
+        head_maps: bool = False,
     ) -> None:
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
@@ -35,6 +80,8 @@ class ModelRunner:
         self.device = torch.device(device)
         self.dtype = dtype
         self.batch_size = batch_size
+        self.cam = cam
+        self.head_maps = head_maps
         self.encoder = bundle.encoder.to(self.device).eval()
         self.classifier = (
             bundle.classifier.to(self.device).eval() if bundle.classifier is not None else None
@@ -42,57 +89,122 @@ class ModelRunner:
         self.segmenter = (
             bundle.segmenter.to(self.device).eval() if bundle.segmenter is not None else None
         )
+        self.qc_heads = {t: (q.head.to(self.device).eval(), q.labels)
+                         for t, q in bundle.qc_heads.items()}
+        # seconds spent per stage since construction (benchmarks read it)
+        self.timings: dict[str, float] = {"preprocess": 0.0, "model": 0.0, "maps": 0.0}
+
+    # ----------------------------------------------------------------------------------------
 
     def _autocast(self) -> contextlib.AbstractContextManager[object]:
         if self.dtype == "float32":
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=_DTYPES[self.dtype])
 
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def prepare(self, sop: str, image: np.ndarray) -> PreparedImage:
+        img = np.asarray(image, dtype=np.float32)
+        if img.ndim != 2:
+            raise ValueError(f"{sop}: expected a 2-D decoded image, got shape {img.shape}")
+        boxed, transform = letterbox(img, self.bundle.preprocessing.size)
+        return PreparedImage(sop=sop, display=img, boxed=boxed, transform=transform)
+
+    def _pixel_values(self, batch: list[PreparedImage]) -> torch.Tensor:
+        pre = self.bundle.preprocessing
+        x = torch.stack([normalize(p.boxed, pre) for p in batch])
+        if self.device.type == "cuda":
+            return x.pin_memory().to(self.device, non_blocking=True)
+        return x
+
+    def encode(self, pixel_values: torch.Tensor, output_attentions: bool = False
+               ) -> EncoderOutput:
+        with torch.inference_mode(), self._autocast():
+            return self.encoder(pixel_values.to(self.device), output_attentions=output_attentions)
+
+    # ----------------------------------------------------------------------------------------
+
     def run(self, images: list[tuple[str, np.ndarray]]) -> list[ImageResult]:
         """[(source SOP Instance UID, image from `imaging.decode`)] -> one `ImageResult` each,
         in the same order, every map at the source's rows x columns."""
-        results: list[ImageResult] = []
-        for chunk in _chunks(images, self.batch_size):
-            results.extend(self._run_batch(chunk))
-        return results
+        return list(self.run_prepared(self._prepare_lazily(images)))
 
-    def _run_batch(self, batch: list[tuple[str, np.ndarray]]) -> list[ImageResult]:
-        pre = self.bundle.preprocessing
-        transforms: list[Transform] = []
-        inputs: list[torch.Tensor] = []
-        for sop, image in batch:
-            img = np.asarray(image, dtype=np.float32)
-            if img.ndim != 2:
-                raise ValueError(f"{sop}: expected a 2-D decoded image, got shape {img.shape}")
-            boxed, transform = letterbox(img, pre.size)
-            transforms.append(transform)
-            inputs.append(normalize(boxed, pre))
-        pixel_values = torch.stack(inputs).to(self.device)
+    def _prepare_lazily(self, images: Iterable[tuple[str, np.ndarray]]
+                        ) -> Iterator[PreparedImage]:
+        for sop, image in images:
+            t0 = time.perf_counter()
+            p = self.prepare(sop, image)
+            self.timings["preprocess"] += time.perf_counter() - t0
+            yield p
 
+    def run_prepared(self, prepared: Iterable[PreparedImage]) -> Iterator[ImageResult]:
+        """Results for prepared images, in order, batch by batch as inputs arrive."""
+        batch: list[PreparedImage] = []
+        for p in prepared:
+            batch.append(p)
+            if len(batch) == self.batch_size:
+                yield from self._run_batch(batch)
+                batch = []
+        if batch:
+            yield from self._run_batch(batch)
+
+    def embed(self, images: Iterable[tuple[str, np.ndarray]]) -> Iterator[Embedding]:
+        """Frozen features (after the final LayerNorm) for each image, batch by batch."""
+        batch: list[PreparedImage] = []
+        for p in self._prepare_lazily(images):
+            batch.append(p)
+            if len(batch) == self.batch_size:
+                yield from self._embed_batch(batch)
+                batch = []
+        if batch:
+            yield from self._embed_batch(batch)
+
+    def _embed_batch(self, batch: list[PreparedImage]) -> Iterator[Embedding]:
+        out = self.encode(self._pixel_values(batch))
+        cls = out.cls_token.float().cpu().numpy()
+        patches = out.patch_tokens.float().cpu().numpy()
+        for i, p in enumerate(batch):
+            yield Embedding(p.sop, cls[i], patches[i], out.grid, p.transform)
+
+    def _run_batch(self, batch: list[PreparedImage]) -> list[ImageResult]:
+        t0 = time.perf_counter()
+        pixel_values = self._pixel_values(batch)
         with torch.inference_mode(), self._autocast():
             out = self.encoder(pixel_values, output_attentions=True)
-            cls_logits = (
-                self.classifier(out.cls_token, out.patch_tokens)
-                if self.classifier is not None
+            cls_tok, patches = out.cls_token, out.patch_tokens
+            cls_logits = self.classifier(cls_tok, patches) if self.classifier is not None else None
+            cam = (
+                class_activation_maps(self.classifier, cls_tok, patches, out.grid)
+                if self.classifier is not None and self.cam
                 else None
             )
-            seg_logits = (
-                self.segmenter(out.patch_tokens, out.grid) if self.segmenter is not None else None
-            )
+            seg_logits = self.segmenter(patches, out.grid) if self.segmenter is not None else None
+            qc_probs = {t: torch.softmax(head(cls_tok, patches).float(), dim=-1)
+                        for t, (head, _) in self.qc_heads.items()}
             assert out.last_attention is not None
-            attn = cls_attention_map(out.last_attention, out.grid, out.n_prefix_tokens)
+            heads_attn = attention_maps(out.last_attention, out.grid, out.n_prefix_tokens)
 
-        h, w = out.grid
-        patch = self.encoder.cfg.patch_size
-        extent = (float(h * patch), float(w * patch))
         probs = (
             torch.sigmoid(cls_logits.float()).cpu().numpy() if cls_logits is not None else None
         )
         seg = seg_logits.float().cpu().numpy() if seg_logits is not None else None
-        attn_np = attn.float().cpu().numpy()
+        cam_np = cam.float().cpu().numpy() if cam is not None else None
+        heads_np = heads_attn.float().cpu().numpy()
+        attn_np = heads_np.mean(axis=1)
+        qc_np = {t: v.cpu().numpy() for t, v in qc_probs.items()}
+        self._sync()
+        t1 = time.perf_counter()
+        self.timings["model"] += t1 - t0
 
+        h, w = out.grid
+        patch = self.encoder.cfg.patch_size
+        extent = (float(h * patch), float(w * patch))
+        pre = self.bundle.preprocessing
         results: list[ImageResult] = []
-        for i, ((sop, image), transform) in enumerate(zip(batch, transforms, strict=True)):
+        for i, p in enumerate(batch):
+            transform = p.transform
             rows, cols = transform.source_shape
             heatmap = _unit(transform.to_source(attn_np[i], extent=extent))
             peak_row, peak_col = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
@@ -104,35 +216,52 @@ class ModelRunner:
                 masks = np.zeros((0, rows, cols), dtype=bool)
             findings = []
             if probs is not None:
-                for label, threshold, p in zip(
+                for label, threshold, prob in zip(
                     self.bundle.labels, self.bundle.thresholds, probs[i], strict=True
                 ):
                     findings.append(
                         Finding(
                             label=label,
-                            probability=float(np.clip(p, 0.0, 1.0)),
+                            probability=float(np.clip(prob, 0.0, 1.0)),
                             threshold=float(threshold),
-                            source_sop_instance_uid=sop,
+                            source_sop_instance_uid=p.sop,
                             point=point,
                         )
                     )
+            extra: dict[str, object] = {"grid": [h, w], "input_size": pre.size}
+            if cam_np is not None:
+                maps = transform.to_source(cam_np[i], extent=extent)
+                extra["cam"] = {label: maps[k] for k, label in enumerate(self.bundle.labels)}
+            if self.head_maps:
+                extra["attention_heads"] = transform.to_source(heads_np[i], extent=extent)
+            if qc_np:
+                qc: dict[str, tuple[str, float]] = {}
+                qc_all: dict[str, dict[str, float]] = {}
+                for task, pr in qc_np.items():
+                    labels = self.qc_heads[task][1]
+                    k = int(np.argmax(pr[i]))
+                    qc[task] = (labels[k], float(pr[i][k]))
+                    qc_all[task] = {lab: float(v) for lab, v in zip(labels, pr[i], strict=True)}
+                extra["qc"] = qc
+                extra["qc_probabilities"] = qc_all
             results.append(
                 ImageResult(
-                    source_sop_instance_uid=sop,
+                    source_sop_instance_uid=p.sop,
                     findings=findings,
                     masks=masks,
                     segment_labels=list(self.bundle.seg_classes),
                     heatmap=heatmap,
-                    display=np.asarray(image, dtype=np.float32),
-                    extra={"grid": [h, w], "input_size": pre.size},
+                    display=p.display,
+                    extra=extra,
                 )
             )
             log.debug(
                 "image %s: %d findings positive, mask fractions %s",
-                sop,
+                p.sop,
                 sum(f.present for f in findings),
                 [round(float(m.mean()), 3) for m in masks],
             )
+        self.timings["maps"] += time.perf_counter() - t1
         return results
 
 
@@ -141,10 +270,3 @@ def _unit(m: np.ndarray) -> np.ndarray:
     if not np.isfinite(lo) or not np.isfinite(hi) or hi <= lo:
         return np.zeros_like(m, dtype=np.float32)
     return ((m - lo) / (hi - lo)).astype(np.float32)
-
-
-def _chunks(
-    items: list[tuple[str, np.ndarray]], n: int
-) -> Iterator[list[tuple[str, np.ndarray]]]:
-    for start in range(0, len(items), n):
-        yield items[start : start + n]

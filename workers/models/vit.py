@@ -37,6 +37,10 @@ class ViTConfig:
     num_channels: int = 3
     # Dinov2WithRegisters interpolates its position embeddings with antialiasing; Dinov2 does not.
     interpolate_antialias: bool = False
+    # The original DINOv2 code (without registers) resizes position embeddings by a scale factor
+    # (grid + 0.1) / native grid instead of to an output size; 0 means "by size" (transformers,
+    # and DINOv2 with registers). Only matters when the input is not the native size.
+    interpolate_offset: float = 0.0
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:
@@ -46,6 +50,8 @@ class ViTConfig:
             )
         if self.image_size < self.patch_size:
             raise ValueError(f"image_size {self.image_size} < patch_size {self.patch_size}")
+        if not 0.0 <= self.interpolate_offset < 1.0:
+            raise ValueError(f"interpolate_offset must be in [0, 1), got {self.interpolate_offset}")
 
     @property
     def native_grid(self) -> int:
@@ -63,8 +69,47 @@ class ViTConfig:
             hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
         return hidden
 
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> ViTConfig:
+        """Inverse of `to_dict`; unknown keys raise (a typo must not pass silently)."""
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown encoder configuration keys {unknown}")
+        return cls(**data)  # type: ignore[arg-type]
+
+    def tokens(self, height: int, width: int) -> int:
+        """Sequence length for an input of `height` x `width` pixels (CLS, registers, patches)."""
+        return self.n_prefix_tokens + (height // self.patch_size) * (width // self.patch_size)
+
+    def flops_per_image(self, height: int | None = None, width: int | None = None) -> float:
+        """Analytic forward FLOPs for one image (multiply-add = 2 FLOPs), biases and norms and
+        softmax ignored:
+
+            patch embedding            2 * P * (C * p^2) * D
+            per layer, projections     2 * N * (4 * D^2)            q, k, v, output
+            per layer, MLP             2 * N * D * H * (2, or 3 for SwiGLU)
+            per layer, attention       2 * 2 * N^2 * D               QK^T and A V
+
+        with P patches, N = P + prefix tokens, D the width, H the MLP width. For a plain MLP
+        (H = 4D) a layer is 24 N D^2 + 4 N^2 D. ViT-B/14 at 518 px: about 303 GFLOP.
+        """
+        h = self.image_size if height is None else height
+        w = self.image_size if width is None else width
+        p = (h // self.patch_size) * (w // self.patch_size)
+        n = p + self.n_prefix_tokens
+        d = self.hidden_size
+        mlp_mats = 3 if self.use_swiglu_ffn else 2
+        embed = 2.0 * p * self.num_channels * self.patch_size**2 * d
+        layer = 2.0 * n * 4 * d * d + 2.0 * n * d * self.mlp_hidden * mlp_mats + 4.0 * n * n * d
+        return embed + self.num_hidden_layers * layer
 
     @classmethod
     def vit_small(cls, image_size: int = 518, **kw: object) -> ViTConfig:
@@ -210,13 +255,26 @@ class DinoViT(nn.Module):
         side = int(math.sqrt(n_pos))
         patch_pos = patch_pos.reshape(1, side, side, d).permute(0, 3, 1, 2)
         target_dtype = patch_pos.dtype
-        patch_pos = F.interpolate(
-            patch_pos.to(torch.float32),
-            size=(new_h, new_w),
-            mode="bicubic",
-            align_corners=False,
-            antialias=self.cfg.interpolate_antialias,
-        ).to(target_dtype)
+        off = self.cfg.interpolate_offset
+        if off:
+            # original DINOv2: scale factor with a small offset (facebookresearch/dino#8)
+            patch_pos = F.interpolate(
+                patch_pos.to(torch.float32),
+                scale_factor=((new_h + off) / side, (new_w + off) / side),
+                mode="bicubic",
+                antialias=self.cfg.interpolate_antialias,
+            ).to(target_dtype)
+            if tuple(patch_pos.shape[-2:]) != (new_h, new_w):
+                raise RuntimeError(f"position embeddings resized to {tuple(patch_pos.shape[-2:])}, "
+                                   f"expected {(new_h, new_w)}")
+        else:
+            patch_pos = F.interpolate(
+                patch_pos.to(torch.float32),
+                size=(new_h, new_w),
+                mode="bicubic",
+                align_corners=False,
+                antialias=self.cfg.interpolate_antialias,
+            ).to(target_dtype)
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, -1, d)
         return torch.cat((cls_pos, patch_pos), dim=1)
 
