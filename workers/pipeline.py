@@ -66,7 +66,11 @@ class WorkerContext:
                     import torch
 
                     device = "cuda" if torch.cuda.is_available() else "cpu"
-                self._runner = ModelRunner(bundle, device=device, dtype=self.settings.worker_dtype)
+                # Per-label activation maps are not written anywhere yet: leave them off
+                # (full-size float maps, about 72 MB per radiograph for five labels).
+                self._runner = ModelRunner(
+                    bundle, device=device, dtype=self.settings.worker_dtype, cam=False
+                )
                 log.info("model bundle %s %s loaded on %s", bundle.name, bundle.version, device)
             return self._runner
 
@@ -214,6 +218,7 @@ def _finish(
     *,
     error: str | None,
     delivering: bool = False,
+    skipped: str | None = None,
 ) -> None:
     with db.session() as s:
         job = s.get_one(Job, job_id)
@@ -228,6 +233,14 @@ def _finish(
                 study.status = StudyStatus.FAILED.value
                 study.reason = error
             record_event(s, "job.failed", error, study_id=study.id, job_id=job.id, level="error")
+        elif skipped:
+            job.status = JobStatus.DONE.value
+            job.error = None
+            job.finished_at = utcnow()
+            if settle:
+                study.status = StudyStatus.SKIPPED.value
+                study.reason = skipped
+            record_event(s, "job.skipped", skipped, study_id=study.id, job_id=job.id)
         elif delivering:
             job.status = JobStatus.DELIVERING.value
             job.error = None
@@ -371,6 +384,24 @@ def _prepare(ctx: WorkerContext, claim: ClaimedJob) -> _Prepared:
     return prep
 
 
+def _quality_control(
+    bundle: Any, p: _Prepared, by_uid: dict[str, ImageResult]
+) -> tuple[list[ImageResult], list[Dataset], list[str]]:
+    """Keep the images this bundle is meant for (its QC heads against its intended use)."""
+    from workers.models.qc import qc_refusal
+
+    results, sources, refused = [], [], []
+    for (sop, _), ds in zip(p.images, p.sources, strict=True):
+        result = by_uid[sop]
+        reason = qc_refusal(result, getattr(bundle, "intended", {}) or {})
+        if reason:
+            refused.append(f"{sop}: {reason}")
+        else:
+            results.append(result)
+            sources.append(ds)
+    return results, sources, refused
+
+
 def process(ctx: WorkerContext, job_id: int) -> str:
     """Run a job, together with other queued jobs (one model pass for all their images)."""
     settings = ctx.settings
@@ -415,7 +446,26 @@ def process(ctx: WorkerContext, job_id: int) -> str:
     for p in prepared:
         claim = p.claim
         try:
-            results = [by_uid[sop] for sop, _ in p.images]
+            results, sources, refused = _quality_control(bundle, p, by_uid)
+            if refused:
+                with ctx.db.session() as s:
+                    record_event(
+                        s,
+                        "job.qc_refused",
+                        "; ".join(refused),
+                        study_id=claim.study_id,
+                        job_id=claim.job_id,
+                        level="warning",
+                    )
+            if not results:
+                _finish(
+                    ctx.db,
+                    claim.job_id,
+                    error=None,
+                    skipped="quality control: " + "; ".join(refused),
+                )
+                continue
+            p.sources = sources
             triage = triage_level(results)
             outputs = build_outputs(
                 p.sources,

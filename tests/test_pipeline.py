@@ -1,0 +1,106 @@
+"""Worker pipeline pieces that need no broker: quality control against the bundle's intended use,
+triage levels, and job claiming with leases and batching on both databases."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+from pydicom import dcmread
+from sqlalchemy import select, update
+
+from pacs_agent.db.models import Event, Job, Study
+from pacs_agent.db.session import Database
+from tests.conftest import sample_path
+from workers.pipeline import (
+    ClaimedJob,
+    _claim,
+    _claim_more,
+    _Prepared,
+    _quality_control,
+    triage_level,
+)
+from workers.results import Finding, ImageResult
+
+
+def _result(
+    uid: str,
+    view: tuple[str, float],
+    part: tuple[str, float],
+    findings: list[Finding] | None = None,
+) -> ImageResult:
+    return ImageResult(
+        uid,
+        findings or [],
+        np.zeros((0, 2, 2), bool),
+        [],
+        np.zeros((2, 2)),
+        np.zeros((2, 2)),
+        extra={"qc": {"view": view, "body_part": part}},
+    )
+
+
+def test_quality_control_refuses_images_the_bundle_is_not_for() -> None:
+    ds = dcmread(sample_path("RG3_J2KR.dcm"), stop_before_pixels=True)
+    bundle = SimpleNamespace(intended={"anatomy": "chest", "views": ["PA", "AP"]})
+    prep = _Prepared(
+        ClaimedJob(1, 1, 1, [], ["a", "b", "c"]),
+        sources=[ds, ds, ds],
+        images=[("a", None), ("b", None), ("c", None)],
+    )
+    by_uid = {
+        "a": _result("a", ("PA", 0.9), ("CHEST", 0.9)),
+        "b": _result("b", ("LATERAL", 0.95), ("CHEST", 0.9)),
+        "c": _result("c", ("PA", 0.9), ("EXTREMITY", 0.8)),
+    }
+    results, sources, refused = _quality_control(bundle, prep, by_uid)
+    assert [r.source_sop_instance_uid for r in results] == ["a"] and len(sources) == 1
+    assert len(refused) == 2
+    assert "LATERAL" in refused[0] and "EXTREMITY" in refused[1]
+
+
+def test_triage_levels() -> None:
+    def f(label: str, p: float) -> Finding:
+        return Finding(label, p, 0.5, "1.2")
+
+    assert triage_level([_result("a", ("PA", 1), ("CHEST", 1), [f("Nodule", 0.1)])]) == "routine"
+    assert triage_level([_result("a", ("PA", 1), ("CHEST", 1), [f("Nodule", 0.9)])]) == "urgent"
+    assert (
+        triage_level([_result("a", ("PA", 1), ("CHEST", 1), [f("Pneumothorax", 0.7)])])
+        == "critical"
+    )
+
+
+def test_claims_respect_leases_and_batch_queued_jobs(tmp_path: Path, database_url: str) -> None:
+    db = Database(database_url)
+    with db.session() as s:
+        study = Study(study_instance_uid="1.2.3")
+        s.add(study)
+        s.flush()
+        jobs = [Job(study_id=study.id, pipeline=f"p{i}", status="queued") for i in range(4)]
+        s.add_all(jobs)
+        s.flush()
+        ids = [j.id for j in jobs]
+    lease = dt.timedelta(seconds=60)
+    first = _claim(db, ids[0], lease)
+    assert first is not None
+    more = _claim_more(db, ids[0], 2)
+    assert len(more) == 2  # batched with the first
+    # Their own messages arrive while the lease holds: nothing to do.
+    assert _claim(db, more[0].job_id, lease) is None
+    # A lease that ran out (the worker died): the next delivery of the message takes it over.
+    with db.session() as s:
+        s.execute(
+            update(Job)
+            .where(Job.id == more[1].job_id)
+            .values(started_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=120))
+        )
+    again = _claim(db, more[1].job_id, lease)
+    assert again is not None
+    with db.session() as s:
+        attempts = {j.id: j.attempts for j in s.scalars(select(Job))}
+        assert s.scalars(select(Event).where(Event.kind == "job.running")).first() is not None
+    assert attempts[more[1].job_id] == 2 and attempts[ids[3]] == 0
+    db.dispose()
