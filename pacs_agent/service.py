@@ -69,7 +69,7 @@ class Agent:
             default_destinations=settings.destination_urls,
             poll_s=settings.completion_poll_s,
             delivery_lease_s=settings.delivery_backoff_max_s,
-            stale_job_s=settings.resolved_job_lease_s + 60,
+            stale_job_s=settings.resolved_job_lease_s * 1.5,
             quiet_period_by_ae=settings.quiet_period_by_ae,
             complete_on_release_aes=settings.complete_on_release_aes,
             housekeeping=lambda: purge_expired(self.db, self.store, settings.retention_days),
