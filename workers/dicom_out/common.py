@@ -11,6 +11,7 @@ import datetime as dt
 import hashlib
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -276,6 +277,25 @@ def contributing_equipment(algorithm: AlgorithmInfo, when: dt.datetime) -> hd.Co
             f"{algorithm.disclaimer}"
         )[:1024],
     )
+
+
+def identity_kwargs(
+    identity: OutputIdentity, algorithm: AlgorithmInfo, when: dt.datetime
+) -> dict[str, Any]:
+    """The identity and provenance arguments every highdicom constructor here takes."""
+    return {
+        "series_instance_uid": identity.series_instance_uid,
+        "series_number": identity.series_number,
+        "sop_instance_uid": identity.sop_instance_uid,
+        "instance_number": identity.instance_number,
+        "series_description": identity.series_description,
+        "manufacturer": lo(algorithm.manufacturer),
+        "manufacturer_model_name": lo(algorithm.name),
+        "software_versions": lo(algorithm.software_version),
+        "contributing_equipment": [contributing_equipment(algorithm, when)],
+        "content_date": when.date(),
+        "content_time": when.time(),
+    }
 
 
 def stamp_datetimes(ds: Dataset, when: dt.datetime) -> None:

@@ -98,17 +98,7 @@ def build_key_objects(
     ko = hd.ko.KeyObjectSelectionDocument(
         evidence=selected,
         content=content,
-        series_instance_uid=identity.series_instance_uid,
-        series_number=identity.series_number,
-        sop_instance_uid=identity.sop_instance_uid,
-        instance_number=identity.instance_number,
-        manufacturer=common.lo(algorithm.manufacturer),
-        contributing_equipment=[common.contributing_equipment(algorithm, when)],
-        manufacturer_model_name=common.lo(algorithm.name),
-        software_versions=common.lo(algorithm.software_version),
-        series_description=identity.series_description,
-        content_date=when.date(),
-        content_time=when.time(),
+        **common.identity_kwargs(identity, algorithm, when),
     )
     common.stamp_datetimes(ko, when)
     logger.info(

@@ -145,13 +145,7 @@ def build_parametric_map(
     pm = hd.pm.ParametricMap(
         source_images=[geometry],
         pixel_array=heat.astype(np.float32),
-        series_instance_uid=identity.series_instance_uid,
-        series_number=identity.series_number,
-        sop_instance_uid=identity.sop_instance_uid,
-        instance_number=identity.instance_number,
-        manufacturer=common.lo(algorithm.manufacturer),
-        manufacturer_model_name=common.lo(algorithm.name),
-        software_versions=common.lo(algorithm.software_version),
+        **common.identity_kwargs(identity, algorithm, when),
         device_serial_number=f"sha256:{algorithm.checksum[:16]}",  # bundle, not hardware
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping],
@@ -165,10 +159,6 @@ def build_parametric_map(
         content_description=common.lo(algorithm.disclaimer),
         content_label=common.disclaimer_label(algorithm),
         content_qualification=hd.ContentQualificationValues.RESEARCH,
-        contributing_equipment=[common.contributing_equipment(algorithm, when)],
-        series_description=identity.series_description,
-        content_date=when.date(),
-        content_time=when.time(),
     )
 
     shared = pm.SharedFunctionalGroupsSequence[0]

@@ -172,20 +172,10 @@ def build_heatmap_sc(
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
-        series_instance_uid=identity.series_instance_uid,
-        series_number=identity.series_number,
-        sop_instance_uid=identity.sop_instance_uid,
-        instance_number=identity.instance_number,
-        manufacturer=common.lo(algorithm.manufacturer),
+        **common.identity_kwargs(identity, algorithm, when),
         # highdicom's enum takes single letters only; the real value is set just below.
         patient_orientation=("L", "F"),
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        contributing_equipment=[common.contributing_equipment(algorithm, when)],
-        manufacturer_model_name=common.lo(algorithm.name),
-        software_versions=common.lo(algorithm.software_version),
-        series_description=identity.series_description,
-        content_date=when.date(),
-        content_time=when.time(),
     )
     # Patient Orientation is Type 2: the source's (or empty when unknown), never invented.
     sc.PatientOrientation = orientation if orientation is not None else []

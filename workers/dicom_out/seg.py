@@ -211,22 +211,12 @@ def build_seg(
         fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
         max_fractional_value=MAX_FRACTIONAL_VALUE,
         segment_descriptions=descriptions,
-        series_instance_uid=identity.series_instance_uid,
-        series_number=identity.series_number,
-        sop_instance_uid=identity.sop_instance_uid,
-        instance_number=identity.instance_number,
-        manufacturer=common.lo(algorithm.manufacturer),
-        manufacturer_model_name=common.lo(algorithm.name),
-        software_versions=common.lo(algorithm.software_version),
+        **common.identity_kwargs(identity, algorithm, when),
         device_serial_number=f"sha256:{algorithm.checksum[:16]}",  # bundle, not hardware
         content_description=common.lo(algorithm.disclaimer),
         content_label=common.disclaimer_label(algorithm),
         content_creator_name=None,
         omit_empty_frames=False,
-        contributing_equipment=[common.contributing_equipment(algorithm, when)],
-        series_description=identity.series_description,
-        content_date=when.date(),
-        content_time=when.time(),
         coding_schemes=common.private_scheme_items() if uses_private else None,
     )
 

@@ -309,20 +309,10 @@ def build_sr(
     sr = hd.sr.Comprehensive3DSR(
         evidence=headers,
         content=report[0],
-        series_instance_uid=identity.series_instance_uid,
-        series_number=identity.series_number,
-        sop_instance_uid=identity.sop_instance_uid,
-        instance_number=identity.instance_number,
-        manufacturer=common.lo(algorithm.manufacturer),
+        **common.identity_kwargs(identity, algorithm, when),
         is_complete=True,
         is_final=False,
         is_verified=False,
-        contributing_equipment=[common.contributing_equipment(algorithm, when)],
-        manufacturer_model_name=common.lo(algorithm.name),
-        software_versions=common.lo(algorithm.software_version),
-        series_description=identity.series_description,
-        content_date=when.date(),
-        content_time=when.time(),
         coding_schemes=common.private_scheme_items() if uses_private else None,
     )
     common.stamp_datetimes(sr, when)

@@ -185,20 +185,10 @@ def build_text_sr(
     sr = BasicTextSR(
         evidence=headers,
         content=root,
-        series_instance_uid=identity.series_instance_uid,
-        series_number=identity.series_number,
-        sop_instance_uid=identity.sop_instance_uid,
-        instance_number=identity.instance_number,
-        manufacturer=common.lo(algorithm.manufacturer),
+        **common.identity_kwargs(identity, algorithm, when),
         is_complete=True,
         is_final=False,
         is_verified=False,
-        contributing_equipment=[common.contributing_equipment(algorithm, when)],
-        manufacturer_model_name=common.lo(algorithm.name),
-        software_versions=common.lo(algorithm.software_version),
-        series_description=identity.series_description,
-        content_date=when.date(),
-        content_time=when.time(),
     )
     common.stamp_datetimes(sr, when)
     logger.info(
