@@ -30,6 +30,8 @@ ANALYSABLE_SOP_CLASSES: dict[str, str] = {
     "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image Storage",
     "1.2.840.10008.5.1.4.1.1.12.1": "X-Ray Angiographic Image Storage",
     "1.2.840.10008.5.1.4.1.1.12.2": "X-Ray Radiofluoroscopic Image Storage",
+    "1.2.840.10008.5.1.4.1.1.12.1.1": "Enhanced XA Image Storage",
+    "1.2.840.10008.5.1.4.1.1.12.2.1": "Enhanced XRF Image Storage",
 }
 
 # Accepted and kept (they belong to the study) but never analysed.

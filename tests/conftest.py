@@ -36,6 +36,16 @@ def _wait_port(host: str, port: int, timeout: float) -> bool:
     return False
 
 
+@pytest.fixture(autouse=True)
+def _restore_tempdir() -> Iterator[None]:
+    """start_scp points Python's temp folder at the agent's spool (process-wide): undo it."""
+    import tempfile
+
+    saved = tempfile.tempdir
+    yield
+    tempfile.tempdir = saved
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -271,3 +271,111 @@ def test_truncated_encapsulated_pixel_data_is_refused(listener: Listener, tmp_pa
     assert status.Status in (0xC210, 0xA900), hex(status.Status)
     assert listener.instances() == []
     _assert_still_serving(listener)
+
+
+def test_association_aborted_mid_dataset_records_nothing(
+    listener: Listener, tmp_path: Path
+) -> None:
+    """The sender aborts after part of a dataset was sent: nothing partial is recorded."""
+    import threading
+    import time
+
+    from pynetdicom.pdu_primitives import P_DATA
+
+    src = sample_path("RG1_UNCR.dcm")  # 7 MB: hundreds of P-DATA PDUs
+    ds = dcmread(src, stop_before_pixels=True)
+    ae = AE(ae_title="MODALITY")
+    ae.dimse_timeout = 10
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="PACSAGENT", max_pdu=16384)
+    assert assoc.is_established
+    send_pdu = assoc.dul.send_pdu
+    sent = {"pdata": 0}
+
+    def cut_after_20(primitive: object) -> None:
+        if isinstance(primitive, P_DATA):
+            sent["pdata"] += 1
+            if sent["pdata"] == 20:
+                threading.Thread(target=assoc.abort).start()
+            if sent["pdata"] >= 20:
+                return  # the rest of the dataset never leaves
+        send_pdu(primitive)
+
+    assoc.dul.send_pdu = cut_after_20  # type: ignore[method-assign]
+    status = assoc.send_c_store(src)
+    time.sleep(1)
+    assert sent["pdata"] >= 20 and not status  # no response: the association was aborted
+    assert assoc.is_aborted
+    assert listener.instances() == []
+    assert not list(listener.store.root.rglob("*.dcm"))
+    assert not list(listener.store.root.rglob(".incoming-*"))
+    _assert_still_serving(listener)
+    # pynetdicom's partial file stays in the agent's spool (not the system's /tmp) until the
+    # next start, which removes it.
+    spool = listener.settings.resolved_data_dir / "spool"
+    assert len(list(spool.iterdir())) == 1
+    listener.server.shutdown()
+    listener.server = start_scp(listener.settings, Ingestor(listener.db, listener.store))
+    assert list(spool.iterdir()) == []
+
+
+def test_unsupported_transfer_syntax_is_not_accepted(listener: Listener) -> None:
+    # MPEG-2 is not decodable here: the presentation context is refused, nothing is stored.
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CR, "1.2.840.10008.1.2.4.100")
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="PACSAGENT")
+    if assoc.is_established:
+        assert assoc.accepted_contexts == []
+        assoc.release()
+    assert listener.instances() == []
+    _assert_still_serving(listener)
+
+
+def test_uid_longer_than_64_characters_is_refused(listener: Listener, tmp_path: Path) -> None:
+    ds = dcmread(sample_path("RG3_J2KR.dcm"))
+    ds.SeriesInstanceUID = "1.2." + "3" * 70
+    ds.save_as(tmp_path / "longuid.dcm")
+    out = _status_of(storescu(listener.port, tmp_path / "longuid.dcm"))
+    assert "DataSetDoesNotMatchSOPClass" in out, out
+    assert listener.instances() == []
+    _assert_still_serving(listener)
+
+
+def test_several_associations_at_once(listener: Listener, tmp_path: Path) -> None:
+    """Four modalities sending at the same time, into the same study."""
+    import os
+
+    base = dcmread(sample_path("CT_small.dcm"))
+    groups = []
+    for g in range(4):
+        files = []
+        for i in range(10):
+            base.SOPInstanceUID = generate_uid()
+            base.file_meta.MediaStorageSOPInstanceUID = base.SOPInstanceUID
+            p = tmp_path / f"g{g}-{i}.dcm"
+            base.save_as(p, enforce_file_format=True)
+            files.append(str(p))
+        groups.append(files)
+    procs = [
+        subprocess.Popen(
+            [
+                "storescu",
+                "-aet",
+                f"MOD{g}",
+                "-aec",
+                "PACSAGENT",
+                "127.0.0.1",
+                str(listener.port),
+                *files,
+            ],
+            env={**os.environ, "TCP_NODELAY": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for g, files in enumerate(groups)
+    ]
+    for p in procs:
+        assert p.wait(timeout=120) == 0, p.stdout.read() if p.stdout else ""
+    instances = listener.instances()
+    assert len(instances) == 40
+    assert len({i.study_id for i in instances}) == 1  # one study row despite the races

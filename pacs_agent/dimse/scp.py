@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import tempfile
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -153,6 +154,21 @@ def make_ae(settings: Settings) -> AE:
     return ae
 
 
+def prepare_spool(spool: Path) -> None:
+    """Receive into a spool folder beside the store, emptied at start.
+
+    pynetdicom writes each incoming dataset to a temporary file in Python's temp folder; an
+    aborted association leaves its partial file behind. Pointing the temp folder here (for this
+    process) keeps those on the data disk, lets the store take finished files by hard link, and
+    lets every start remove what an abort or a crash left.
+    """
+    spool.mkdir(parents=True, exist_ok=True)
+    for leftover in spool.iterdir():
+        if leftover.is_file():
+            leftover.unlink(missing_ok=True)
+    tempfile.tempdir = str(spool)
+
+
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
     """A server TLS context from settings (TLS 1.2 or later), or None when TLS is off."""
     if settings.tls_cert_file is None or settings.tls_key_file is None:
@@ -176,6 +192,7 @@ def start_scp(
     ``on_release(study_uids, calling_ae)`` is called when an association that stored
     instances is released normally (not when it is aborted).
     """
+    prepare_spool(settings.resolved_data_dir / "spool")
     ae = make_ae(settings)
     tracker = ReleaseTracker(on_release)
     handlers: list[Any] = [
