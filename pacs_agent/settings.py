@@ -113,6 +113,8 @@ class Settings(BaseSettings):
     delivery_attempts: int = 10
     delivery_backoff_s: float = 15.0
     delivery_backoff_max_s: float = 300.0
+    # Bearer token for dicomweb+http(s):// destinations (basic auth goes in the URL instead).
+    dicomweb_token: str | None = None
     # Redis redelivers an unacknowledged job after this; unset: twice the task time limit.
     broker_visibility_timeout_s: int | None = None
 

@@ -435,3 +435,17 @@ def test_parser_drops_an_oversized_part_and_goes_on() -> None:
 def test_parser_refuses_malformed_bodies(body: bytes) -> None:
     with pytest.raises(MalformedMultipart):
         _parse(body, 3)
+
+
+def test_dicomweb_destination_sends_the_bearer_token(agent: StowAgent, tmp_path: Path) -> None:
+    """The product's own STOW-RS sender, against this STOW-RS endpoint that wants a token."""
+    from pacs_agent.delivery.senders import DeliveryError, sender_for
+
+    ds = fresh("CT_small.dcm")
+    path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    url = f"dicomweb+{agent.env.url}/dicomweb"
+    with pytest.raises(DeliveryError):
+        sender_for(url).send([path])  # no token: refused
+    sender_for(url, dicomweb_token=TOKEN).send([path])
+    assert agent.instance(ds.SOPInstanceUID) is not None

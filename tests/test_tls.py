@@ -139,3 +139,34 @@ def test_tls_settings_are_checked(tmp_path: Path, pki: Path) -> None:
         Settings(tls_cert_file=pki / "server.crt")
     with pytest.raises(ValidationError, match="not found"):
         Settings(tls_cert_file=tmp_path / "nope.crt", tls_key_file=pki / "server.key")
+
+
+def test_results_delivered_over_tls(tmp_path: Path, pki: Path) -> None:
+    """dicom+tls:// destinations: the product's C-STORE SCU to a TLS peer (here the listener)."""
+    from pacs_agent.delivery.senders import DeliveryError, client_tls_context, sender_for
+
+    url = f"sqlite:///{tmp_path / 'peer.db'}"
+    upgrade(url)
+    settings = Settings(
+        data_dir=tmp_path,
+        dicom_port=free_port(),
+        dicom_host="127.0.0.1",
+        tls_cert_file=pki / "server.crt",
+        tls_key_file=pki / "server.key",
+        tls_ca_file=pki / "ca.crt",
+    )
+    db = Database(url)
+    server = start_scp(settings, Ingestor(db, InstanceStore(settings.instance_dir)))
+    dest = f"dicom+tls://PACSAGENT@127.0.0.1:{settings.dicom_port}"
+    try:
+        with pytest.raises(DeliveryError):  # no client certificate: the peer refuses
+            sender_for(dest, tls=client_tls_context(pki / "ca.crt", None, None)).send(
+                [sample_path("CT_small.dcm")]
+            )
+        ctx = client_tls_context(pki / "ca.crt", pki / "client.crt", pki / "client.key")
+        sender_for(dest, tls=ctx).send([sample_path("CT_small.dcm")])
+        with db.session() as s:
+            assert len(list(s.scalars(select(Instance)))) == 1
+    finally:
+        server.shutdown()
+        db.dispose()

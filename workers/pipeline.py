@@ -34,6 +34,7 @@ from pacs_agent.db.models import (
     utcnow,
 )
 from pacs_agent.db.session import Database, record_event
+from pacs_agent.delivery.senders import client_tls_context
 from pacs_agent.delivery.service import deliver_job_results
 from pacs_agent.settings import Settings
 from pacs_agent.store import fsync_dir
@@ -275,6 +276,10 @@ def _deliver(ctx: WorkerContext, job_id: int, study_id: int, destinations: list[
         backoff_s=settings.delivery_backoff_s,
         backoff_max_s=settings.delivery_backoff_max_s,
         calling_ae=settings.ae_title,
+        tls=client_tls_context(settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file)
+        if any(u.startswith("dicom+tls://") for u in destinations)
+        else None,
+        dicomweb_token=settings.dicomweb_token,
     )
     if outcome.failed:
         _finish(ctx.db, job_id, error="delivery failed: " + "; ".join(outcome.failed))

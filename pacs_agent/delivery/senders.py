@@ -2,7 +2,10 @@
 
 A destination is a URL:
   dicom://AET@host:port            C-STORE (pynetdicom SCU, one association per batch)
-  dicomweb+http(s)://host:port/... STOW-RS (dicomweb-client)
+  dicom+tls://AET@host:port        the same over TLS (CA and client certificate from settings)
+  dicomweb+http(s)://[user:password@]host:port/...
+                                   STOW-RS (dicomweb-client); basic auth from the URL, or a
+                                   bearer token from PACS_AGENT_DICOMWEB_TOKEN
   orthanc+http(s)://host:port      Orthanc REST upload (orthanc-api-client)
   file:///absolute/path            a folder: <path>/<study UID>/<series UID>/<SOP UID>.dcm
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import ssl
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,6 +58,7 @@ class DicomSender:
     host: str
     port: int
     calling_ae: str = "PACSAGENT"
+    tls: ssl.SSLContext | None = None
 
     def send(self, files: Sequence[Path]) -> None:
         from pynetdicom import AE
@@ -69,7 +74,8 @@ class DicomSender:
         for sop_class, ts in sorted(contexts):
             tss = [ts] + [t for t in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) if t != ts]
             ae.add_requested_context(sop_class, tss)
-        assoc = ae.associate(self.host, self.port, ae_title=self.called_ae)
+        tls_args = (self.tls, self.host) if self.tls is not None else None
+        assoc = ae.associate(self.host, self.port, ae_title=self.called_ae, tls_args=tls_args)
         if not assoc.is_established:
             raise DeliveryError(f"association with {self.called_ae}@{self.host}:{self.port} failed")
         try:
@@ -108,11 +114,19 @@ class OrthancSender:
 class DicomwebSender:
     url: str
     base: str
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
 
     def send(self, files: Sequence[Path]) -> None:
         from dicomweb_client.api import DICOMwebClient
+        from dicomweb_client.session_utils import create_session_from_user_pass
 
-        client = DICOMwebClient(url=self.base)
+        session = (
+            create_session_from_user_pass(self.user, self.password or "") if self.user else None
+        )
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
+        client = DICOMwebClient(url=self.base, session=session, headers=headers)
         try:
             client.store_instances(datasets=[dcmread(f) for f in files])
         except Exception as exc:
@@ -139,12 +153,36 @@ class FolderSender:
             fsync_dir(folder)
 
 
-def sender_for(url: str, calling_ae: str = "PACSAGENT") -> Sender:
+def client_tls_context(
+    ca_file: Path | None, cert_file: Path | None, key_file: Path | None
+) -> ssl.SSLContext:
+    """TLS for outgoing associations: verify the peer against ``ca_file`` (or the system
+    store), present our certificate when one is configured."""
+    ctx = ssl.create_default_context(
+        ssl.Purpose.SERVER_AUTH, cafile=str(ca_file) if ca_file else None
+    )
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert_file and key_file:
+        ctx.load_cert_chain(str(cert_file), str(key_file))
+    return ctx
+
+
+def sender_for(
+    url: str,
+    calling_ae: str = "PACSAGENT",
+    *,
+    tls: ssl.SSLContext | None = None,
+    dicomweb_token: str | None = None,
+) -> Sender:
     p = urlparse(url)
-    if p.scheme == "dicom":
+    if p.scheme in ("dicom", "dicom+tls"):
         if not p.username or not p.hostname or not p.port:
-            raise ValueError(f"destination {url!r}: expected dicom://AET@host:port")
-        return DicomSender(url, unquote(p.username), p.hostname, p.port, calling_ae)
+            raise ValueError(f"destination {url!r}: expected {p.scheme}://AET@host:port")
+        if p.scheme == "dicom+tls":
+            tls = tls or client_tls_context(None, None, None)
+        else:
+            tls = None
+        return DicomSender(url, unquote(p.username), p.hostname, p.port, calling_ae, tls)
     if p.scheme in ("orthanc+http", "orthanc+https"):
         scheme = p.scheme.split("+", 1)[1]
         host = p.hostname or ""
@@ -152,11 +190,22 @@ def sender_for(url: str, calling_ae: str = "PACSAGENT") -> Sender:
         base = f"{scheme}://{netloc}{p.path}".rstrip("/")
         return OrthancSender(redact(url), base, p.username, p.password)
     if p.scheme in ("dicomweb+http", "dicomweb+https"):
-        return DicomwebSender(url, url.split("+", 1)[1])
+        scheme = p.scheme.split("+", 1)[1]
+        host = p.hostname or ""
+        netloc = f"{host}:{p.port}" if p.port else host
+        base = f"{scheme}://{netloc}{p.path}".rstrip("/")
+        return DicomwebSender(
+            redact(url),
+            base,
+            unquote(p.username) if p.username else None,
+            unquote(p.password) if p.password else None,
+            dicomweb_token,
+        )
     if p.scheme == "file":
         if not p.path:
             raise ValueError(f"destination {url!r}: expected file:///absolute/path")
         return FolderSender(url, Path(unquote(p.path)))
     raise ValueError(
-        f"destination {url!r}: unknown scheme (dicom://, dicomweb+http://, orthanc+http://, file://)"
+        f"destination {url!r}: unknown scheme (dicom://, dicom+tls://, dicomweb+http://, "
+        "orthanc+http://, file://)"
     )

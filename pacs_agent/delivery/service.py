@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import random
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,8 @@ def deliver_job_results(
     backoff_s: float = 30.0,
     backoff_max_s: float = 600.0,
     calling_ae: str = "PACSAGENT",
+    tls: ssl.SSLContext | None = None,
+    dicomweb_token: str | None = None,
 ) -> DeliveryOutcome:
     outcome = DeliveryOutcome()
     for url in destinations:
@@ -77,7 +80,8 @@ def deliver_job_results(
             continue
         ids = [rid for rid, _ in todo]
         try:
-            sender_for(url, calling_ae=calling_ae).send([p for _, p in todo])
+            sender = sender_for(url, calling_ae=calling_ae, tls=tls, dicomweb_token=dicomweb_token)
+            sender.send([p for _, p in todo])
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
             exhausted = _mark_failed_attempt(
