@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps venv run serve worker demo test lint clean
+.PHONY: setup system-deps venv viewer-deps run serve worker demo test lint clean
 
 setup: system-deps venv
 
@@ -30,7 +30,11 @@ run: setup
 demo: setup
 	$(PY) -m pacs_agent.demo --output demo-output
 
-test: setup
+# The viewer test needs Debian's chromium, playwright and the prebuilt OHIF viewer.
+viewer-deps: venv
+	bash scripts/install-viewer-deps.sh $(VENV)
+
+test: setup viewer-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: venv

@@ -260,14 +260,17 @@ def test_sr_round_trip(built: Built) -> None:
         [evaluation] = group.get_qualitative_evaluations(name=group.finding_type)
         assert evaluation.value == (codes.SCT.Present if finding.present else codes.SCT.Absent)
         measurement = group.get_measurements(name=codes.DCM.Probability)[0]
-        assert measurement.value == pytest.approx(finding.probability)
-        assert measurement.unit == codes.UCUM.NoUnits
+        assert measurement.value == pytest.approx(round(finding.probability * 100, 2))
+        assert measurement.unit == codes.UCUM.Percent
         texts: dict[str, list[str]] = {}
         for item in group[0].ContentSequence:
             if item.ValueType == "TEXT":
                 name = item.ConceptNameCodeSequence[0].CodeMeaning
                 texts.setdefault(name, []).append(item.TextValue)
         assert DEMO.disclaimer in texts["Algorithm Name"][0]
+        # the finding's name as Comment: what OHIF labels the drawn point with
+        outcome = "present" if finding.present else "absent"
+        assert texts["Comment"] == [f"{group.finding_type.meaning} ({outcome})"]
         assert texts["Algorithm Version"] == [DEMO.version]
         params = " ".join(texts["Algorithm Parameters"])
         assert f"bundle_sha256={DEMO.checksum}" in params and "threshold=0.5" in params
@@ -345,12 +348,15 @@ def test_seg_round_trip(built: Built) -> None:
         assert "PlanePositionSequence" not in shared
         for frame in ds.PerFrameFunctionalGroupsSequence:
             assert "PlanePositionSequence" not in frame
-        expected = common.image_orientation_of(built.source)
-        if expected is None:
-            assert "PlaneOrientationSequence" not in shared
-        else:
-            iop = shared.PlaneOrientationSequence[0].ImageOrientationPatient
-            assert [float(v) for v in iop] == pytest.approx(expected)
+        # the source's Image Orientation (Patient), else the nominal one OHIF assumes
+        expected = common.output_orientation(built.source)[0]
+        iop = shared.PlaneOrientationSequence[0].ImageOrientationPatient
+        assert [float(v) for v in iop] == pytest.approx(expected)
+        # Pixel Measures: OHIF and highdicom's reader need it (spacing and thickness)
+        measures = shared.PixelMeasuresSequence[0]
+        spacing = common.output_pixel_spacing(built.source)[0]
+        assert [float(v) for v in measures.PixelSpacing] == pytest.approx(list(spacing))
+        assert float(measures.SliceThickness) > 0
     else:
         assert ds.FrameOfReferenceUID == built.source.FrameOfReferenceUID
         assert "PlaneOrientationSequence" in shared
@@ -362,11 +368,34 @@ def test_seg_rg1_drops_zero_pixel_spacing() -> None:
     masks = np.zeros((1, source.Rows, source.Columns), dtype=bool)
     masks[0, 100:200, 300:400] = True
     seg = build_seg(source, masks, ["Heart"], DEMO, _identity(source, "seg-ps", 950))
-    assert not any("PixelSpacing" in item for item in _walk(seg))
+    # the zero spacing is not carried: a nominal 1 mm grid, said so in the derivation
+    spacings = [item.PixelSpacing for item in _walk(seg) if "PixelSpacing" in item]
+    assert [[float(v) for v in ps] for ps in spacings] == [[1.0, 1.0]]
+    derivation = seg.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0]
+    assert "nominal 1 mm" in derivation.DerivationDescription
     assert [float(v) for v in source.PixelSpacing] == [0.0, 0.0]  # the source is untouched
-    # RG1 "L\F": columns run to the patient's left, rows to the feet
+    # no Image Orientation (Patient): the nominal orientation OHIF assumes for the source, not
+    # one derived from "L\F" (OHIF refuses or flips a SEG with another); L\F stays as is
     iop = seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0]
-    assert [float(v) for v in iop.ImageOrientationPatient] == [1, 0, 0, 0, 0, -1]
+    assert [float(v) for v in iop.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
+    assert seg.PatientOrientation == ["L", "F"]
+
+
+def test_seg_projection_uses_imager_pixel_spacing() -> None:
+    source = pydicom.dcmread(_path("RG3_UNCR.dcm"), stop_before_pixels=True)
+    source.ImagerPixelSpacing = [0.15, 0.2]
+    seg = build_seg(
+        source,
+        _masks(source.Rows, source.Columns),
+        SEGMENT_LABELS,
+        DEMO,
+        _identity(source, "seg-ips", 955),
+    )
+    measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert [float(v) for v in measures.PixelSpacing] == [0.15, 0.2]
+    derivation = seg.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0]
+    assert "Imager Pixel Spacing" in derivation.DerivationDescription
+    hd.seg.segread(io.BytesIO(_to_bytes(seg)))  # highdicom reads it back
 
 
 def test_seg_ct_with_zero_pixel_spacing_writes_no_positions() -> None:
@@ -379,8 +408,14 @@ def test_seg_ct_with_zero_pixel_spacing_writes_no_positions() -> None:
         DEMO,
         _identity(source, "seg-ct0", 951),
     )
-    assert not any("PixelSpacing" in item for item in _walk(seg))
     assert not any("PlanePositionSequence" in item for item in _walk(seg))
+    # the zero spacing is not carried (nominal 1 mm); the CT's own orientation is kept
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    assert [float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing] == [1.0, 1.0]
+    iop = shared.PlaneOrientationSequence[0].ImageOrientationPatient
+    assert [float(v) for v in iop] == pytest.approx(
+        [float(v) for v in source.ImageOrientationPatient]
+    )
 
 
 @requires_dciodvfy
@@ -393,7 +428,7 @@ def test_seg_projection_with_frame_of_reference() -> None:
     assert seg.FrameOfReferenceUID == source.FrameOfReferenceUID
     assert seg.PatientOrientation == ["R", "F"]
     iop = seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0]
-    assert [float(v) for v in iop.ImageOrientationPatient] == [-1, 0, 0, 0, 0, -1]
+    assert [float(v) for v in iop.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]  # nominal
     assert not any("PlanePositionSequence" in item for item in _walk(seg))
     errors, _ = split_findings(run_dciodvfy(seg))
     assert errors == []
@@ -561,12 +596,20 @@ def test_fractional_seg_rejects_values_outside_0_1() -> None:
     identity = _identity(source, "seg-frac-bad", 955)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         build_seg(
-            source, np.full((1, 128, 128), 1.5, np.float32), ["Heart"], DEMO, identity,
+            source,
+            np.full((1, 128, 128), 1.5, np.float32),
+            ["Heart"],
+            DEMO,
+            identity,
             segmentation_type="fractional",
         )
     with pytest.raises(ValueError, match="segmentation_type"):
         build_seg(
-            source, np.zeros((1, 128, 128), bool), ["Heart"], DEMO, identity,
+            source,
+            np.zeros((1, 128, 128), bool),
+            ["Heart"],
+            DEMO,
+            identity,
             segmentation_type="labelmap",
         )
 
@@ -586,8 +629,10 @@ def test_parametric_map_round_trip(built: Built) -> None:
     shared = ds.SharedFunctionalGroupsSequence[0]
     mapping = shared.RealWorldValueMappingSequence[0]
     assert mapping.MeasurementUnitsCodeSequence[0].CodeValue == "1"
-    assert (mapping.DoubleFloatRealWorldValueFirstValueMapped,
-            mapping.DoubleFloatRealWorldValueLastValueMapped) == (0.0, 1.0)
+    assert (
+        mapping.DoubleFloatRealWorldValueFirstValueMapped,
+        mapping.DoubleFloatRealWorldValueLastValueMapped,
+    ) == (0.0, 1.0)
     voi = shared.FrameVOILUTSequence[0]
     assert (float(voi.WindowCenter), float(voi.WindowWidth)) == (0.5, 1.0)
     frame = ds.PerFrameFunctionalGroupsSequence[0]
@@ -611,9 +656,9 @@ def test_parametric_map_round_trip(built: Built) -> None:
         assert ds.FrameOfReferenceUID == own_frame_of_reference_uid(built.source)
         assert ds.FrameOfReferenceUID != built.source.get("FrameOfReferenceUID")
         assert [float(v) for v in position] == [0.0, 0.0, 0.0]
-        expected = common.image_orientation_of(built.source) or [1, 0, 0, 0, 1, 0]
+        expected = common.output_orientation(built.source)[0]
         assert [float(v) for v in orientation] == pytest.approx(expected)
-        spacing = common.valid_pixel_spacing(built.source) or (1.0, 1.0)
+        spacing = common.output_pixel_spacing(built.source)[0]
         assert [float(v) for v in measures.PixelSpacing] == pytest.approx(list(spacing))
     # Series Laterality only when there is no Frame Laterality (dciodvfy checks both ways)
     assert ("FrameAnatomySequence" in shared) != ("Laterality" in ds)
@@ -627,10 +672,12 @@ def test_parametric_map_rg1_geometry() -> None:
     heat = np.zeros((source.Rows, source.Columns), np.float32)
     pm = build_parametric_map(source, heat, DEMO, _identity(source, "pm-rg1", 960))
     shared = pm.SharedFunctionalGroupsSequence[0]
-    # RG1 "L\F": columns run to the patient's left, rows to the feet; Pixel Spacing 0.000 is
-    # not carried: the map's own frame has a nominal 1 mm grid
+    # RG1 has no Image Orientation (Patient): the nominal orientation OHIF assumes for it (an
+    # L\F-derived one is refused by OHIF as oblique); Pixel Spacing 0.000 is not carried: the
+    # map's own frame has a nominal 1 mm grid
     iop = shared.PlaneOrientationSequence[0].ImageOrientationPatient
-    assert [float(v) for v in iop] == [1, 0, 0, 0, 0, -1]
+    assert [float(v) for v in iop] == [1, 0, 0, 0, 1, 0]
+    assert "Orientation is nominal" in pm.ImageComments
     assert [float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing] == [1.0, 1.0]
     assert "Frame of Reference of this map only" in pm.ImageComments
     anatomy = shared.FrameAnatomySequence[0]
@@ -650,7 +697,7 @@ def test_parametric_map_of_a_projection_with_frame_of_reference() -> None:
     assert pm.FrameOfReferenceUID == own_frame_of_reference_uid(source)
     assert pm.FrameOfReferenceUID != source.FrameOfReferenceUID
     iop = pm.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0]
-    assert [float(v) for v in iop.ImageOrientationPatient] == [-1, 0, 0, 0, 0, -1]  # R\F
+    assert [float(v) for v in iop.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]  # nominal
     errors, _ = split_findings(run_dciodvfy(pm))
     assert errors == []
 

@@ -45,23 +45,37 @@ def _hf_folder(tmp: Path, variant: str) -> Path:
         Dinov2WithRegistersModel,
     )
 
-    common: dict[str, Any] = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                  image_size=56, patch_size=14, layerscale_value=0.5)
+    common: dict[str, Any] = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=56,
+        patch_size=14,
+        layerscale_value=0.5,
+    )
     model: torch.nn.Module
     if variant == "registers":
-        model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=4,
-                                                                   **common))
+        model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=4, **common))
     else:
         model = Dinov2Model(Dinov2Config(use_swiglu_ffn=variant == "swiglu", **common))
     _randomize(model, seed=1)
     folder = tmp / f"hf-{variant}"
     model.save_pretrained(folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "BitImageProcessor",
-        "crop_size": {"height": 56, "width": 56}, "do_center_crop": True,
-        "size": {"shortest_edge": 56}, "do_rescale": True, "rescale_factor": 1 / 255,
-        "do_normalize": True, "image_mean": [0.5307] * 3, "image_std": [0.2583] * 3,
-    }))
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_processor_type": "BitImageProcessor",
+                "crop_size": {"height": 56, "width": 56},
+                "do_center_crop": True,
+                "size": {"shortest_edge": 56},
+                "do_rescale": True,
+                "rescale_factor": 1 / 255,
+                "do_normalize": True,
+                "image_mean": [0.5307] * 3,
+                "image_std": [0.2583] * 3,
+            }
+        )
+    )
     return folder
 
 
@@ -88,10 +102,14 @@ def test_parity_with_transformers(tmp_path: Path, variant: str) -> None:
         d_cls = (o.cls_token - hidden[:, 0]).abs().max().item()
         d_patch = (o.patch_tokens - hidden[:, 1 + n_reg :]).abs().max().item()
         d_attn = (o.last_attention - r.attentions[-1]).abs().max().item()
-        d_fast = max((o_fast.patch_tokens - hidden[:, 1 + n_reg :]).abs().max().item(),
-                     (o_fast.cls_token - hidden[:, 0]).abs().max().item())
-        print(f"{variant} {h}x{w}: max |diff| cls {d_cls:.2e} patches {d_patch:.2e} "
-              f"attention {d_attn:.2e} sdpa-path {d_fast:.2e}")
+        d_fast = max(
+            (o_fast.patch_tokens - hidden[:, 1 + n_reg :]).abs().max().item(),
+            (o_fast.cls_token - hidden[:, 0]).abs().max().item(),
+        )
+        print(
+            f"{variant} {h}x{w}: max |diff| cls {d_cls:.2e} patches {d_patch:.2e} "
+            f"attention {d_attn:.2e} sdpa-path {d_fast:.2e}"
+        )
         assert max(d_cls, d_patch, d_attn, d_fast) < TOL
         if n_reg:
             assert o.register_tokens is not None
@@ -134,8 +152,13 @@ def test_hf_loader_names_missing_file(tmp_path: Path, missing: str) -> None:
 
 
 def test_adapters_shapes_and_attention_map() -> None:
-    cfg = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
-                    num_register_tokens=2)
+    cfg = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        num_register_tokens=2,
+    )
     model = DinoViT(cfg).eval()
     init_weights(model, torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -177,8 +200,7 @@ def test_demo_bundle_is_deterministic(demo_dir: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "rel", ["encoder/model.safetensors", "encoder/config.json", "adapters/segmenter.safetensors"]
 )
-def test_tampered_file_is_rejected_before_loading(demo_dir: Path, tmp_path: Path,
-                                                  rel: str) -> None:
+def test_tampered_file_is_rejected_before_loading(demo_dir: Path, tmp_path: Path, rel: str) -> None:
     copy = Path(shutil.copytree(demo_dir, tmp_path / "b"))
     target = copy / rel
     data = bytearray(target.read_bytes())
@@ -231,15 +253,22 @@ def test_runner_results_in_source_geometry(demo_dir: Path) -> None:
             assert f.point is not None
             col, row = f.point
             assert 0 <= col < cols and 0 <= row < rows
-            assert r.heatmap[int(row), int(col)] == 1.0
+            # each finding at its own activation peak, on the segmented region
+            assert r.masks.any(axis=0)[int(row), int(col)]
+        assert len({f.point for f in r.findings}) > 1  # not all stacked on one point
     # batching does not change results; bfloat16 autocast stays close
     single = ModelRunner(bundle, batch_size=1).run(images[1:])[0]
-    assert np.allclose([f.probability for f in single.findings],
-                       [f.probability for f in results[1].findings], atol=1e-4)
+    assert np.allclose(
+        [f.probability for f in single.findings],
+        [f.probability for f in results[1].findings],
+        atol=1e-4,
+    )
     bf16 = ModelRunner(bundle, dtype="bfloat16").run(images[:1])[0]
     assert bf16.masks.shape == results[0].masks.shape and np.isfinite(bf16.heatmap).all()
-    diff = max(abs(a.probability - b.probability)
-               for a, b in zip(bf16.findings, results[0].findings, strict=True))
+    diff = max(
+        abs(a.probability - b.probability)
+        for a, b in zip(bf16.findings, results[0].findings, strict=True)
+    )
     print(f"bfloat16 vs float32 max probability difference {diff:.3f}")
     assert diff < 0.2
 
@@ -301,10 +330,21 @@ def test_original_layout_parity(tmp_path: Path, variant: str) -> None:
     save_file(hf_file_to_original(folder), str(orig / "backbone_compatible.safetensors"))
     via_hf, cfg_hf, _ = load_hf_dinov2(folder)
     ours, cfg = load_dinov2_original(orig, num_heads=4)
-    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.image_size,
-            cfg.num_register_tokens, cfg.use_swiglu_ffn) == (
-        cfg_hf.hidden_size, cfg_hf.num_hidden_layers, cfg_hf.num_attention_heads,
-        cfg_hf.image_size, cfg_hf.num_register_tokens, cfg_hf.use_swiglu_ffn)
+    assert (
+        cfg.hidden_size,
+        cfg.num_hidden_layers,
+        cfg.num_attention_heads,
+        cfg.image_size,
+        cfg.num_register_tokens,
+        cfg.use_swiglu_ffn,
+    ) == (
+        cfg_hf.hidden_size,
+        cfg_hf.num_hidden_layers,
+        cfg_hf.num_attention_heads,
+        cfg_hf.image_size,
+        cfg_hf.num_register_tokens,
+        cfg_hf.use_swiglu_ffn,
+    )
     ref = AutoModel.from_pretrained(folder, attn_implementation="eager").eval()
     n_reg = cfg.num_register_tokens
     x = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(3))
@@ -349,8 +389,9 @@ def test_original_layout_training_checkpoint_keys(tmp_path: Path) -> None:
         ckpt["teacher.backbone." + k] = v
     ckpt["teacher.dino_head.mlp.0.weight"] = torch.zeros(4, 4)
     model, cfg = load_dinov2_original(_saved(tmp_path / "b.safetensors", ckpt), num_heads=4)
-    no_ls = {k: (torch.ones_like(v) if k.endswith("gamma") else v)
-             for k, v in ref.state_dict().items()}
+    no_ls = {
+        k: (torch.ones_like(v) if k.endswith("gamma") else v) for k, v in ref.state_dict().items()
+    }
     expected = DinoViT(cfg).eval()
     expected.load_state_dict(no_ls)
     x = torch.randn(1, 3, 56, 56)
@@ -433,8 +474,15 @@ def test_qc_refusal_reasons() -> None:
 
     def result(view: tuple[str, float], part: tuple[str, float]) -> ImageResult:
         z = np.zeros((4, 4), np.float32)
-        return ImageResult("1.2", [], np.zeros((0, 4, 4), bool), [], z, z,
-                           extra={"qc": {"view": view, "body_part": part}})
+        return ImageResult(
+            "1.2",
+            [],
+            np.zeros((0, 4, 4), bool),
+            [],
+            z,
+            z,
+            extra={"qc": {"view": view, "body_part": part}},
+        )
 
     chest_pa = {"anatomy": "chest", "views": ["PA", "AP"]}
     assert qc_refusal(result(("PA", 0.9), ("CHEST", 0.95)), chest_pa) is None

@@ -164,9 +164,14 @@ def normalise_label(label: str) -> str:
 # --------------------------------------------------------------------------- source geometry
 
 
-def valid_pixel_spacing(source: Dataset) -> tuple[float, float] | None:
-    """The source's Pixel Spacing if it is present and physically meaningful (> 0)."""
-    value = source.get("PixelSpacing")
+# Nominal grid of an output that must state a pixel spacing and a plane orientation (SEG Pixel
+# Measures / Plane Orientation, PM plane geometry) for a source that gives neither: 1 mm, and the
+# orientation OHIF / cornerstone assume for an image without Image Orientation (Patient).
+NOMINAL_PIXEL_SPACING = (1.0, 1.0)
+NOMINAL_ORIENTATION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+
+
+def _positive_pair(value: Any) -> tuple[float, float] | None:
     if value is None:
         return None
     try:
@@ -176,6 +181,44 @@ def valid_pixel_spacing(source: Dataset) -> tuple[float, float] | None:
     if not (row > 0.0 and col > 0.0) or row != row or col != col:
         return None
     return row, col
+
+
+def output_pixel_spacing(source: Dataset) -> tuple[tuple[float, float], str]:
+    """The pixel spacing an output grid of ``source`` states, and where it comes from.
+
+    The source's valid Pixel Spacing ("pixel spacing"); else its valid Imager Pixel Spacing
+    ("imager pixel spacing": at the detector, as cornerstone/OHIF also take it for such an
+    image, so that an output fuses onto the source grid); else :data:`NOMINAL_PIXEL_SPACING`
+    ("nominal"). An invalid value (RG1's ``0.000\\0.000``) is never used.
+    """
+    spacing = valid_pixel_spacing(source)
+    if spacing is not None:
+        return spacing, "pixel spacing"
+    spacing = _positive_pair(source.get("ImagerPixelSpacing"))
+    if spacing is not None:
+        return spacing, "imager pixel spacing"
+    return NOMINAL_PIXEL_SPACING, "nominal"
+
+
+def output_orientation(source: Dataset) -> tuple[list[float], bool]:
+    """The plane orientation an output of ``source`` states, and whether it is the source's.
+
+    The source's own Image Orientation (Patient) when it has one; otherwise exactly
+    :data:`NOMINAL_ORIENTATION` (``1\\0\\0\\0\\1\\0``), which is what OHIF assumes for the
+    source image itself. An orientation derived from Patient Orientation letters (e.g. ``R\\F``
+    -> ``-1\\0\\0\\0\\0\\-1``) is NOT used: OHIF rejects a SEG / PM whose plane differs
+    from the one it assumes for the source (oblique / not supported) or, if flipped, flips the
+    overlay against the source pixels. The Patient Orientation itself is kept where the IOD has it.
+    """
+    iop = source.get("ImageOrientationPatient")
+    if iop is not None and len(iop) == 6:
+        return [float(v) for v in iop], True
+    return list(NOMINAL_ORIENTATION), False
+
+
+def valid_pixel_spacing(source: Dataset) -> tuple[float, float] | None:
+    """The source's Pixel Spacing if it is present and physically meaningful (> 0)."""
+    return _positive_pair(source.get("PixelSpacing"))
 
 
 def patient_orientation_of(source: Dataset) -> list[str] | None:

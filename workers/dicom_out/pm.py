@@ -18,8 +18,12 @@ Geometry, and why (PS3.3 A.75, C.7.6.16; each checked with dciodvfy):
   Pixel Spacing) gets a **new Frame of Reference of the PM's own**, derived from the source
   SOP Instance UID (so a retried job gives the same one, and every map of that source shares
   it). In that frame the PM's first pixel is at (0, 0, 0), the orientation is the source's own
-  where it is known (Patient Orientation ``L\\F`` -> ``1\\0\\0\\0\\0\\-1``; else the nominal
-  ``1\\0\\0\\0\\1\\0``), and the pixel spacing is the source's valid Pixel Spacing or a nominal
+  Image Orientation (Patient) where it has one, else exactly the nominal ``1\\0\\0\\0\\1\\0``
+  that OHIF assumes for the source image (an orientation derived from Patient Orientation,
+  e.g. ``R\\F`` -> ``-1\\0\\0\\0\\0\\-1``, makes OHIF refuse the map: "oblique to the
+  acquisition plane ... not yet supported"; a flipped one would flip it on the source), and
+  the pixel spacing is the source's valid Pixel Spacing, else its Imager Pixel Spacing (the
+  spacing cornerstone gives the source volume the map is fused on), else a nominal
   1 mm. No other object uses that Frame of Reference, so nothing is said about where the source
   lies in the patient: the positions describe the map's own grid, the source keeps no invented
   geometry, and the registration to the source is the pixel grid itself, stated by the
@@ -62,8 +66,8 @@ from workers.results import AlgorithmInfo, OutputIdentity
 logger = logging.getLogger(__name__)
 
 LUT_LABEL = "AI_HEAT"
-NOMINAL_ORIENTATION = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-NOMINAL_PIXEL_SPACING = [1.0, 1.0]
+NOMINAL_ORIENTATION = list(common.NOMINAL_ORIENTATION)
+NOMINAL_PIXEL_SPACING = list(common.NOMINAL_PIXEL_SPACING)
 
 _SOURCE_GEOMETRY = (
     "FrameOfReferenceUID",
@@ -105,9 +109,8 @@ def _geometry_header(source: Dataset, header: Dataset) -> tuple[Dataset, bool]:
     own.FrameOfReferenceUID = own_frame_of_reference_uid(source)
     own.PositionReferenceIndicator = ""
     own.ImagePositionPatient = [0.0, 0.0, 0.0]
-    own.ImageOrientationPatient = common.image_orientation_of(header) or NOMINAL_ORIENTATION
-    spacing = common.valid_pixel_spacing(header)
-    own.PixelSpacing = list(spacing) if spacing is not None else NOMINAL_PIXEL_SPACING
+    own.ImageOrientationPatient = common.output_orientation(header)[0]
+    own.PixelSpacing = list(common.output_pixel_spacing(header)[0])
     own.SliceThickness = None  # a projection has none; highdicom then writes none
     return own, True
 
@@ -178,8 +181,16 @@ def build_parametric_map(
             "Frame of Reference of this map only (the source has no usable patient geometry): "
             "registered to the source pixel for pixel, positions describe the map grid only."
         )
-        if common.valid_pixel_spacing(header) is None:
+        spacing_from = common.output_pixel_spacing(header)[1]
+        if spacing_from == "nominal":
             comments.append("Pixel spacing is nominal (1 mm): the source gives none.")
+        elif spacing_from == "imager pixel spacing":
+            comments.append("Pixel spacing is the source's Imager Pixel Spacing (at the detector).")
+        if not common.output_orientation(header)[1]:
+            comments.append(
+                "Orientation is nominal (1\\0\\0\\0\\1\\0, as viewers assume for the source); "
+                "the source's Patient Orientation gives its true directions."
+            )
     pm.ImageComments = " ".join(comments)
 
     common.stamp_datetimes(pm, when)

@@ -10,17 +10,24 @@ NEMA RG1 chest), each checked with dciodvfy:
 - No invalid Pixel Spacing is carried over. RG1 has ``0.000\\0.000``; highdicom copies it into
   the Pixel Measures functional group and dciodvfy reports "Value is zero for ... Pixel
   Spacing". :func:`common.source_header` drops an invalid value. For a projection source (no
-  Frame of Reference + Image Position) a valid Pixel Spacing is not carried either: highdicom
-  would write Pixel Measures without Slice Thickness, which its own ``segread`` rejects. The SEG
-  is pixel-aligned with the source, which keeps its spacing.
+  Frame of Reference + Image Position) highdicom would write Pixel Measures without Slice
+  Thickness, which its own ``segread`` rejects, or none at all, on which OHIF 3.13 crashes
+  ("Cannot destructure property 'SpacingBetweenSlices' of 'PixelMeasures'"). The shared
+  functional groups therefore get a Pixel Measures item of our own: Pixel Spacing = the source's
+  valid Pixel Spacing, else its Imager Pixel Spacing, else a nominal 1 mm
+  (:func:`common.output_pixel_spacing`), and a nominal Slice Thickness of 1 mm. The choice is
+  written in the Derivation Description of the Derivation Image item.
 - Without patient-space geometry the General Image module's Patient Orientation is Type 2C
   required; highdicom does not write it. It is copied from the source (or left empty when the
   source has none, which Type 2 allows).
 - OHIF refuses a SEG without an image orientation. When the source has no Frame of Reference,
   highdicom refuses a ``plane_orientation``; the Plane Orientation (Patient) functional group is
-  then added to the shared functional groups afterwards, equal to the source's own orientation
-  (its Image Orientation (Patient), or its Patient Orientation when that is two orthogonal axis
-  letters, RG1's ``L\\F`` -> ``1\\0\\0\\0\\0\\-1``). No Plane Position is invented.
+  then added to the shared functional groups afterwards: the source's own Image Orientation
+  (Patient) if it has one, otherwise exactly ``1\\0\\0\\0\\1\\0``, which is what OHIF
+  assumes for the source image (:func:`common.output_orientation`). An orientation derived
+  from Patient Orientation (RG3's ``R\\F`` -> ``-1\\0\\0\\0\\0\\-1``) is rejected by OHIF
+  ("oblique"), and a flipped one would make it flip the mask against the source pixels. The
+  true orientation stays in Patient Orientation. No Plane Position is invented.
 - Series-level Laterality is NOT copied: dciodvfy reports "Attribute present when condition
   unsatisfied" for Laterality in a SEG whatever Body Part Examined says (checked on RG3, which
   has Laterality R); the laterality stays with the referenced source image.
@@ -77,6 +84,10 @@ SEGMENT_CODES: dict[str, tuple[Code, Code, Code | None]] = {
     "endotracheal tube": (codes.SCT.PhysicalObject, codes.SCT.EndotrachealTube, None),
     "catheter": (codes.SCT.PhysicalObject, codes.SCT.Catheter, None),
 }
+
+# Slice Thickness of the Pixel Measures of a SEG on a projection image: nominal (a projection
+# has none), required by highdicom's reader (segread) and OHIF next to the Pixel Spacing.
+NOMINAL_SLICE_THICKNESS = 1.0
 
 SEGMENTATION_TYPES = {
     "binary": hd.seg.SegmentationTypeValues.BINARY,
@@ -243,21 +254,43 @@ def build_seg(
 
 
 def _conform_projection_geometry(seg: hd.seg.Segmentation, header: Dataset) -> None:
-    """Patient Orientation and Plane Orientation for a source without patient-space geometry.
+    """Patient Orientation, Pixel Measures and Plane Orientation for a projection source.
 
     highdicom handles a source with a Frame of Reference and Image Position (Patient) itself
     (plane orientation and positions); anything else (no Frame of Reference, or one without a
-    position, as in DX) is a projection image for it and gets neither.
+    position, as in DX) is a projection image for it and gets neither. See the module notes.
     """
     if hd.spatial.get_image_coordinate_system(header) is not None:
         return
     orientation = common.patient_orientation_of(header)
     # Type 2: empty when the source gives none
     seg.PatientOrientation = orientation if orientation is not None else []
-    iop = common.image_orientation_of(header)
-    if iop is not None:
-        shared = seg.SharedFunctionalGroupsSequence[0]
-        shared.PlaneOrientationSequence = hd.PlaneOrientationSequence(
-            coordinate_system=hd.CoordinateSystemNames.PATIENT,
-            image_orientation=iop,
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    spacing, spacing_from = common.output_pixel_spacing(header)
+    measures = Dataset()
+    measures.PixelSpacing = [float(v) for v in spacing]
+    measures.SliceThickness = NOMINAL_SLICE_THICKNESS
+    shared.PixelMeasuresSequence = [measures]
+    iop, own = common.output_orientation(header)
+    shared.PlaneOrientationSequence = hd.PlaneOrientationSequence(
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        image_orientation=iop,
+    )
+    note = (
+        "Pixel-aligned with the source (pixel r,c = source pixel r,c). Pixel Measures: "
+        + {
+            "pixel spacing": "the source's Pixel Spacing",
+            "imager pixel spacing": "the source's Imager Pixel Spacing (at the detector)",
+            "nominal": "nominal 1 mm (the source gives no valid spacing)",
+        }[spacing_from]
+        + "; Slice Thickness nominal 1 mm (projection image). Plane Orientation: "
+        + (
+            "the source's Image Orientation (Patient)."
+            if own
+            else "nominal 1\\0\\0\\0\\1\\0 (the source has no Image Orientation (Patient); "
+            "see Patient Orientation)."
         )
+    )
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        for item in frame.get("DerivationImageSequence", []):
+            item.DerivationDescription = note[:1024]

@@ -5,8 +5,14 @@ Each finding becomes a TID 1501 Measurement Group holding:
 - Tracking Identifier and Tracking UID (derived from the output SOP Instance UID, so a retried
   job gives the same UIDs);
 - Finding (the label's code) and a qualitative evaluation ``<finding> = Present | Absent``;
-- TID 300 Measurement ``Probability`` (UCUM ``1``), with an INFERRED FROM SCOORD POINT on the
-  source image when the finding has a point (OHIF shows SCOORDs of numeric measurements);
+- TID 300 Measurement ``Probability`` in UCUM ``%`` (probability x 100, 2 decimals; OHIF prints
+  "44.26 %"), with an INFERRED FROM SCOORD POINT on the source image when the finding has a
+  point. Every group with a point keeps it, even when findings of one image share it: OHIF
+  3.13 crashes on an SR with a measurement group that has no SCOORD (its
+  ``_checkIfCanAddMeasurementsToDisplaySet`` reads ``measurement.coords[0]``), so dropping
+  the point of some findings is not an option for OHIF users;
+- a TEXT ``Comment`` (DCM 121106): the finding's name and outcome, e.g. "Pleural effusion
+  (present)", which OHIF shows as the label of the drawn measurement;
 - the source image (Source of Measurement) and TID 4019 Algorithm Identification (family
   Artificial Intelligence, name + disclaimer, version, parameters: bundle checksum, threshold).
 
@@ -148,6 +154,16 @@ def summary_text(
     return "\n".join(lines)
 
 
+def probability_percent(probability: float) -> float:
+    """A probability (0..1) as the NUM value in UCUM ``%`` (0..100), rounded to 0.01 %."""
+    return round(float(probability) * 100.0, 2)
+
+
+def comment_text(finding: Finding, code: Code) -> str:
+    """The group's Comment: the finding's name and outcome (what OHIF labels the point with)."""
+    return f"{code.meaning} ({'present' if finding.present else 'absent'})"
+
+
 def report_evaluations(
     sources: Sequence[Dataset],
     findings: Sequence[Finding],
@@ -247,34 +263,42 @@ def build_sr(
             ]
         probability = hd.sr.Measurement(
             name=codes.DCM.Probability,
-            value=float(finding.probability),
-            unit=codes.UCUM.NoUnits,
+            value=probability_percent(finding.probability),
+            unit=codes.UCUM.Percent,
             referenced_coordinates=coordinates,
         )
-        groups.append(
-            hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=derive_uid(
-                        identity.sop_instance_uid,
-                        "finding",
-                        str(index),
-                        finding.label,
-                        finding.source_sop_instance_uid,
-                    ),
-                    identifier=f"{finding.label} #{index}",
+        group = hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=derive_uid(
+                    identity.sop_instance_uid,
+                    "finding",
+                    str(index),
+                    finding.label,
+                    finding.source_sop_instance_uid,
                 ),
-                finding_type=code,
-                algorithm_id=algorithm_id,
-                measurements=[probability],
-                qualitative_evaluations=[
-                    hd.sr.QualitativeEvaluation(
-                        name=code,
-                        value=codes.SCT.Present if finding.present else codes.SCT.Absent,
-                    )
-                ],
-                source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
+                identifier=f"{finding.label} #{index}",
+            ),
+            finding_type=code,
+            algorithm_id=algorithm_id,
+            measurements=[probability],
+            qualitative_evaluations=[
+                hd.sr.QualitativeEvaluation(
+                    name=code,
+                    value=codes.SCT.Present if finding.present else codes.SCT.Absent,
+                )
+            ],
+            source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
+        )
+        # (121106, DCM, "Comment"): the finding's name, which OHIF shows as the text of the
+        # drawn measurement ("Pleural effusion (present): Probability: 44.26 %").
+        group[0].ContentSequence.append(
+            hd.sr.TextContentItem(
+                name=codes.DCM.Comment,
+                value=comment_text(finding, code),
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
             )
         )
+        groups.append(group)
 
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,

@@ -54,6 +54,47 @@ class Embedding:
     transform: Transform
 
 
+def finding_points(
+    cam: np.ndarray, seg: np.ndarray | None, transform: Transform, patch: int, masks: np.ndarray
+) -> list[tuple[float, float]] | None:
+    """Each label's own location: the peak of its activation map over the token cells that lie
+    on the image (and on the segmented region, when there is one), as a source pixel
+    (column, row) snapped into the segmentation masks. None when no cell lies on the image."""
+    n_labels, h, w = cam.shape
+    rows, cols = transform.source_shape
+    # Token cell centres in source pixels (inverse of the letterbox transform).
+    src_r = ((np.arange(h) + 0.5) * patch - transform.pad_top) / transform.scale_y - 0.5
+    src_c = ((np.arange(w) + 0.5) * patch - transform.pad_left) / transform.scale_x - 0.5
+    on_image = ((src_r >= 0) & (src_r <= rows - 1))[:, None] & ((src_c >= 0) & (src_c <= cols - 1))[
+        None, :
+    ]
+    candidates = on_image
+    if seg is not None and seg.shape[0]:
+        segmented = (seg >= 0.0).any(axis=0) & on_image
+        if segmented.any():
+            candidates = segmented
+    if not candidates.any():
+        return None
+    region: np.ndarray | None = np.asarray(masks.any(axis=0)) if masks.shape[0] else None
+    half_r = max(1, int(np.ceil(patch / transform.scale_y / 2)))
+    half_c = max(1, int(np.ceil(patch / transform.scale_x / 2)))
+    points = []
+    for k in range(n_labels):
+        gr, gc = np.unravel_index(int(np.argmax(np.where(candidates, cam[k], -np.inf))), (h, w))
+        r = int(np.clip(round(src_r[gr]), 0, rows - 1))
+        c = int(np.clip(round(src_c[gc]), 0, cols - 1))
+        if region is not None and region.any() and not region[r, c]:
+            # The cell is segmented on the grid; put the point on a segmented source pixel.
+            r0, c0 = max(0, r - half_r), max(0, c - half_c)
+            box = region[r0 : r + half_r + 1, c0 : c + half_c + 1]
+            hits = np.argwhere(box)
+            if hits.size:
+                d = (hits[:, 0] + r0 - r) ** 2 + (hits[:, 1] + c0 - c) ** 2
+                r, c = int(hits[d.argmin(), 0] + r0), int(hits[d.argmin(), 1] + c0)
+        points.append((float(c), float(r)))
+    return points
+
+
 class ModelRunner:
     """Holds a bundle's modules on one device. `run` is the whole inference for a study.
 
@@ -89,8 +130,9 @@ class ModelRunner:
         self.segmenter = (
             bundle.segmenter.to(self.device).eval() if bundle.segmenter is not None else None
         )
-        self.qc_heads = {t: (q.head.to(self.device).eval(), q.labels)
-                         for t, q in bundle.qc_heads.items()}
+        self.qc_heads = {
+            t: (q.head.to(self.device).eval(), q.labels) for t, q in bundle.qc_heads.items()
+        }
         # seconds spent per stage since construction (benchmarks read it)
         self.timings: dict[str, float] = {"preprocess": 0.0, "model": 0.0, "maps": 0.0}
 
@@ -119,8 +161,7 @@ class ModelRunner:
             return x.pin_memory().to(self.device, non_blocking=True)
         return x
 
-    def encode(self, pixel_values: torch.Tensor, output_attentions: bool = False
-               ) -> EncoderOutput:
+    def encode(self, pixel_values: torch.Tensor, output_attentions: bool = False) -> EncoderOutput:
         with torch.inference_mode(), self._autocast():
             return self.encoder(pixel_values.to(self.device), output_attentions=output_attentions)
 
@@ -131,8 +172,7 @@ class ModelRunner:
         in the same order, every map at the source's rows x columns."""
         return list(self.run_prepared(self._prepare_lazily(images)))
 
-    def _prepare_lazily(self, images: Iterable[tuple[str, np.ndarray]]
-                        ) -> Iterator[PreparedImage]:
+    def _prepare_lazily(self, images: Iterable[tuple[str, np.ndarray]]) -> Iterator[PreparedImage]:
         for sop, image in images:
             t0 = time.perf_counter()
             p = self.prepare(sop, image)
@@ -175,20 +215,22 @@ class ModelRunner:
             out = self.encoder(pixel_values, output_attentions=True)
             cls_tok, patches = out.cls_token, out.patch_tokens
             cls_logits = self.classifier(cls_tok, patches) if self.classifier is not None else None
+            # On the token grid they are cheap: always made, for each finding's own location;
+            # the full-size maps only when asked (`cam`).
             cam = (
                 class_activation_maps(self.classifier, cls_tok, patches, out.grid)
-                if self.classifier is not None and self.cam
+                if self.classifier is not None
                 else None
             )
             seg_logits = self.segmenter(patches, out.grid) if self.segmenter is not None else None
-            qc_probs = {t: torch.softmax(head(cls_tok, patches).float(), dim=-1)
-                        for t, (head, _) in self.qc_heads.items()}
+            qc_probs = {
+                t: torch.softmax(head(cls_tok, patches).float(), dim=-1)
+                for t, (head, _) in self.qc_heads.items()
+            }
             assert out.last_attention is not None
             heads_attn = attention_maps(out.last_attention, out.grid, out.n_prefix_tokens)
 
-        probs = (
-            torch.sigmoid(cls_logits.float()).cpu().numpy() if cls_logits is not None else None
-        )
+        probs = torch.sigmoid(cls_logits.float()).cpu().numpy() if cls_logits is not None else None
         seg = seg_logits.float().cpu().numpy() if seg_logits is not None else None
         cam_np = cam.float().cpu().numpy() if cam is not None else None
         heads_np = heads_attn.float().cpu().numpy()
@@ -214,10 +256,17 @@ class ModelRunner:
                 masks = transform.to_source(seg[i], extent=extent) >= 0.0
             else:
                 masks = np.zeros((0, rows, cols), dtype=bool)
+            label_points = (
+                finding_points(
+                    cam_np[i], seg[i] if seg is not None else None, transform, patch, masks
+                )
+                if cam_np is not None
+                else None
+            )
             findings = []
             if probs is not None:
-                for label, threshold, prob in zip(
-                    self.bundle.labels, self.bundle.thresholds, probs[i], strict=True
+                for k, (label, threshold, prob) in enumerate(
+                    zip(self.bundle.labels, self.bundle.thresholds, probs[i], strict=True)
                 ):
                     findings.append(
                         Finding(
@@ -225,11 +274,11 @@ class ModelRunner:
                             probability=float(np.clip(prob, 0.0, 1.0)),
                             threshold=float(threshold),
                             source_sop_instance_uid=p.sop,
-                            point=point,
+                            point=label_points[k] if label_points else point,
                         )
                     )
             extra: dict[str, object] = {"grid": [h, w], "input_size": pre.size}
-            if cam_np is not None:
+            if cam_np is not None and self.cam:
                 maps = transform.to_source(cam_np[i], extent=extent)
                 extra["cam"] = {label: maps[k] for k, label in enumerate(self.bundle.labels)}
             if self.head_maps:
