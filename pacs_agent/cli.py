@@ -119,6 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        # pynetdicom logs every PDU exchange at INFO; the agent logs what matters per instance.
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     return int(args.func(args) or 0)
 
 
