@@ -114,20 +114,9 @@ class Ingestor:
         orthanc_id: str | None = None,
     ) -> IngestOutcome:
         facts = examine(ds, transfer_syntax)
-        if self.min_free_bytes and self.store.free_bytes() - len(data) < self.min_free_bytes:
-            raise RejectedDataset(STATUS_OUT_OF_RESOURCES, "disk nearly full: refusing to store")
+        self._check_space(len(data))
         stored = self.store.write(facts.study_uid, facts.series_uid, facts.sop_uid, data)
-        study_id = self._record_retrying(
-            facts, stored, transfer_syntax, source, calling_ae, orthanc_id
-        )
-        log.info(
-            "stored sop=%s study=%s via %s (%s)",
-            facts.sop_uid,
-            facts.study_uid,
-            source,
-            stored.outcome,
-        )
-        return IngestOutcome(facts.sop_uid, facts.study_uid, study_id, stored, facts)
+        return self._recorded(facts, stored, transfer_syntax, source, calling_ae, orthanc_id)
 
     def ingest_file(
         self,
@@ -140,11 +129,26 @@ class Ingestor:
         """Ingest a dataset that arrived as a file (C-STORE streamed to disk)."""
         ds = parse_part10_file(path)
         facts = examine(ds, transfer_syntax, source=path)
-        size = path.stat().st_size
+        self._check_space(path.stat().st_size)
+        stored = self.store.write_file(facts.study_uid, facts.series_uid, facts.sop_uid, path)
+        return self._recorded(facts, stored, transfer_syntax, source, calling_ae, None)
+
+    def _check_space(self, size: int) -> None:
         if self.min_free_bytes and self.store.free_bytes() - size < self.min_free_bytes:
             raise RejectedDataset(STATUS_OUT_OF_RESOURCES, "disk nearly full: refusing to store")
-        stored = self.store.write_file(facts.study_uid, facts.series_uid, facts.sop_uid, path)
-        study_id = self._record_retrying(facts, stored, transfer_syntax, source, calling_ae, None)
+
+    def _recorded(
+        self,
+        facts: DatasetFacts,
+        stored: StoredFile,
+        transfer_syntax: UID,
+        source: str,
+        calling_ae: str | None,
+        orthanc_id: str | None,
+    ) -> IngestOutcome:
+        study_id = self._record_retrying(
+            facts, stored, transfer_syntax, source, calling_ae, orthanc_id
+        )
         log.info(
             "stored sop=%s study=%s via %s (%s)",
             facts.sop_uid,

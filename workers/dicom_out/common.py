@@ -322,6 +322,27 @@ def contributing_equipment(algorithm: AlgorithmInfo, when: dt.datetime) -> hd.Co
     )
 
 
+def device_observer(algorithm: AlgorithmInfo) -> hd.sr.ObserverContext:
+    """The AI device as the observer of an SR or KOS, its name carrying the disclaimer."""
+    from pacs_agent.uids import derive_uid
+
+    return hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=derive_uid(
+                "device-observer",
+                algorithm.manufacturer,
+                algorithm.name,
+                algorithm.version,
+                algorithm.checksum,
+            ),
+            name=f"{algorithm.name} [{algorithm.disclaimer}]",
+            manufacturer_name=algorithm.manufacturer,
+            model_name=algorithm.name,
+        ),
+    )
+
+
 def identity_kwargs(
     identity: OutputIdentity, algorithm: AlgorithmInfo, when: dt.datetime
 ) -> dict[str, Any]:

@@ -17,7 +17,6 @@ import highdicom as hd
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
-from pacs_agent.uids import derive_uid
 from workers.dicom_out import common
 from workers.dicom_out.sr import check_inputs
 from workers.results import AlgorithmInfo, Finding, OutputIdentity
@@ -74,21 +73,7 @@ def build_key_objects(
         raise ValueError("no positive finding: a Key Object Selection needs at least one image")
     when = created or dt.datetime.now()
 
-    observer = hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=derive_uid(
-                "device-observer",
-                algorithm.manufacturer,
-                algorithm.name,
-                algorithm.version,
-                algorithm.checksum,
-            ),
-            name=f"{algorithm.name} [{algorithm.disclaimer}]",
-            manufacturer_name=algorithm.manufacturer,
-            model_name=algorithm.name,
-        ),
-    )
+    observer = common.device_observer(algorithm)
     content = hd.ko.KeyObjectSelection(
         document_title=TITLE,
         referenced_objects=selected,

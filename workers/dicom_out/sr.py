@@ -300,21 +300,7 @@ def build_sr(
         )
         groups.append(group)
 
-    observer = hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=derive_uid(
-                "device-observer",
-                algorithm.manufacturer,
-                algorithm.name,
-                algorithm.version,
-                algorithm.checksum,
-            ),
-            name=labelled_name,
-            manufacturer_name=algorithm.manufacturer,
-            model_name=algorithm.name,
-        ),
-    )
+    observer = common.device_observer(algorithm)
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=procedure_codes(headers),

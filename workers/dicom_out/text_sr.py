@@ -28,7 +28,6 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import BasicTextSRStorage
 
-from pacs_agent.uids import derive_uid
 from workers.dicom_out import common
 from workers.dicom_out.sr import (
     TRIAGE_CODES,
@@ -118,21 +117,7 @@ def build_text_sr(
     root = hd.sr.ContainerContentItem(name=codes.LN.DiagnosticImagingReport, template_id="2000")
     root.ContentSequence = hd.sr.ContentSequence()
     root.ContentSequence.extend(hd.sr.LanguageOfContentItemAndDescendants(ENGLISH))
-    observer = hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=derive_uid(
-                "device-observer",
-                algorithm.manufacturer,
-                algorithm.name,
-                algorithm.version,
-                algorithm.checksum,
-            ),
-            name=labelled_name,
-            manufacturer_name=algorithm.manufacturer,
-            model_name=algorithm.name,
-        ),
-    )
+    observer = common.device_observer(algorithm)
     root.ContentSequence.extend(hd.sr.ObservationContext(observer_device_context=observer))
 
     section = hd.sr.ContainerContentItem(name=codes.LN.Findings, relationship_type=contains)
