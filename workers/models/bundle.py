@@ -39,18 +39,18 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from workers.imaging import Preprocessing
 from workers.models.adapters import ClassificationHead, LinearSegHead
 from workers.models.dinov2_loader import Dinov2LoadError, load_dinov2_original
+from workers.models.files import atomic_save_safetensors, atomic_write, replace_atomically
 from workers.models.hf_loader import (
     CONFIG_FILE,
     PREPROCESSOR_FILE,
@@ -253,7 +253,9 @@ def load_bundle(path: str | os.PathLike[str]) -> Bundle:
     if preprocessing.size % cfg.patch_size:
         log.warning(
             "bundle %s: input size %d is not a multiple of the patch size %d; the border is unused",
-            name, preprocessing.size, cfg.patch_size,
+            name,
+            preprocessing.size,
+            cfg.patch_size,
         )
 
     classifier: ClassificationHead | None = None
@@ -299,7 +301,10 @@ def load_bundle(path: str | os.PathLike[str]) -> Bundle:
     intended = manifest.get("intended") or {}
     log.info(
         "bundle %s %s verified (manifest sha256 %s)%s",
-        name, version, checksum[:12], " DEMO random weights" if is_demo else "",
+        name,
+        version,
+        checksum[:12],
+        " DEMO random weights" if is_demo else "",
     )
     return Bundle(
         root=root,
@@ -421,20 +426,13 @@ def place_file(src: Path, dst: Path, mode: str = "copy") -> Path:
             return dst
         except OSError:
             pass
-    with tempfile.NamedTemporaryFile(dir=dst.parent, suffix=".tmp", delete=False) as tmp:
-        tmp_path = Path(tmp.name)
-    try:
-        shutil.copyfile(src, tmp_path)
-        os.replace(tmp_path, dst)
-    finally:
-        tmp_path.unlink(missing_ok=True)
-    return dst
+    return replace_atomically(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> Path:
     """Write `manifest.json` atomically (last: a bundle is complete once it exists)."""
     path = root / MANIFEST
-    _atomic_write(path, (json.dumps(manifest, indent=2) + "\n").encode())
+    atomic_write(path, (json.dumps(manifest, indent=2) + "\n").encode())
     return path
 
 
@@ -478,8 +476,9 @@ def write_demo_bundle(
 
     enc_files = save_hf_layout(encoder, cfg, root / "encoder", pre)
     adapters: dict[str, Any] = {
-        "classifier": save_adapter(classifier, root, "classifier", labels=DEMO_LABELS,
-                                   thresholds=[0.5] * len(DEMO_LABELS)),
+        "classifier": save_adapter(
+            classifier, root, "classifier", labels=DEMO_LABELS, thresholds=[0.5] * len(DEMO_LABELS)
+        ),
         "segmenter": save_adapter(segmenter, root, "segmenter", classes=DEMO_SEG_CLASSES),
     }
     for task, head in qc_modules.items():
@@ -549,8 +548,9 @@ def _calibrate_demo_heads(
     classifier.linear.bias.copy_(_round(bias))
 
     # segmenter: token logits with std 3 and median 0, so masks cover part of the image
-    span = torch.cat((flat_tokens.reshape(6, -1, tokens.shape[1]).mean(1),
-                      tokens.mean(0, keepdim=True)))
+    span = torch.cat(
+        (flat_tokens.reshape(6, -1, tokens.shape[1]).mean(1), tokens.mean(0, keepdim=True))
+    )
     w = structural(torch.randn(len(DEMO_SEG_CLASSES), tokens.shape[1], generator=gen), span)
     w = w * (3.0 / (tokens @ w.T).std(0).clamp_min(1e-6))[:, None]
     bias = -(tokens @ w.T).median(0).values
@@ -583,27 +583,10 @@ def _round(t: torch.Tensor) -> torch.Tensor:
 
 
 def _save_module(module: torch.nn.Module, path: Path) -> None:
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous()
-               for k, v in module.state_dict().items()}
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        tmp_path = Path(tmp.name)
-    try:
-        save_file(tensors, str(tmp_path), metadata={"format": "pt"})
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        tmp.write(data)
-        tmp.flush()
-        os.fsync(tmp.fileno())
-        tmp_path = Path(tmp.name)
-    try:
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
+    tensors = {
+        k: v.detach().to("cpu", torch.float32).contiguous() for k, v in module.state_dict().items()
+    }
+    atomic_save_safetensors(tensors, path)
 
 
 def write_derived_bundle(
@@ -646,8 +629,11 @@ def write_derived_bundle(
         **manifest,
         "encoder": enc,
         "adapters": adapters,
-        "parent": {"name": manifest.get("name"), "version": manifest.get("version"),
-                   "manifest_sha256": p_checksum},
+        "parent": {
+            "name": manifest.get("name"),
+            "version": manifest.get("version"),
+            "manifest_sha256": p_checksum,
+        },
         **updates,
     }
     write_manifest(root, derived)

@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from workers.imaging import Preprocessing
+from workers.models.files import atomic_save_safetensors, atomic_write
 from workers.models.vit import DinoViT, ViTConfig
 
 log = logging.getLogger(__name__)
@@ -98,8 +98,10 @@ def config_to_hf(cfg: ViTConfig) -> dict[str, Any]:
     """`ViTConfig` -> a `config.json` dict that transformers loads as Dinov2(WithRegisters)Model."""
     registers = cfg.num_register_tokens > 0
     if cfg.interpolate_offset:
-        raise ValueError("transformers resizes position embeddings by size; an "
-                         "interpolate_offset has no Hugging Face equivalent")
+        raise ValueError(
+            "transformers resizes position embeddings by size; an "
+            "interpolate_offset has no Hugging Face equivalent"
+        )
     if registers != cfg.interpolate_antialias:
         raise ValueError(
             "transformers ties antialiased position interpolation to register tokens; "
@@ -296,7 +298,10 @@ def load_hf_dinov2(
     model.eval()
     log.info(
         "loaded Dinov2 encoder: dim %d, %d layers, %d heads, patch %d, native %d px",
-        cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.patch_size,
+        cfg.hidden_size,
+        cfg.num_hidden_layers,
+        cfg.num_attention_heads,
+        cfg.patch_size,
         cfg.image_size,
     )
     return model, cfg, pre
@@ -334,8 +339,10 @@ def save_hf_layout(
     inverse = {dst: src for src, dst in hf_key_map(cfg).items()}
     state = model.state_dict()
     if set(state) != set(inverse):
-        raise ValueError(f"model state dict does not match the configuration: "
-                         f"{sorted(set(state) ^ set(inverse))[:5]}")
+        raise ValueError(
+            f"model state dict does not match the configuration: "
+            f"{sorted(set(state) ^ set(inverse))[:5]}"
+        )
     tensors = {
         inverse[k]: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()
     }
@@ -354,25 +361,7 @@ def save_hf_layout(
         "do_convert_rgb": True,
     }
     written = [root / CONFIG_FILE, root / WEIGHTS_FILE, root / PREPROCESSOR_FILE]
-    _atomic_write(written[0], (json.dumps(config_to_hf(cfg), indent=2) + "\n").encode())
-    with tempfile.NamedTemporaryFile(dir=root, suffix=".tmp", delete=False) as tmp:
-        tmp_path = Path(tmp.name)
-    try:
-        save_file(tensors, str(tmp_path), metadata={"format": "pt"})
-        os.replace(tmp_path, written[1])
-    finally:
-        tmp_path.unlink(missing_ok=True)
-    _atomic_write(written[2], (json.dumps(processor, indent=2) + "\n").encode())
+    atomic_write(written[0], (json.dumps(config_to_hf(cfg), indent=2) + "\n").encode())
+    atomic_save_safetensors(tensors, written[1])
+    atomic_write(written[2], (json.dumps(processor, indent=2) + "\n").encode())
     return written
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        tmp.write(data)
-        tmp.flush()
-        os.fsync(tmp.fileno())
-        tmp_path = Path(tmp.name)
-    try:
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from pydicom import dcmread
 
 from workers.imaging import ImageError, decode
 from workers.models.bundle import Bundle
+from workers.models.files import replace_atomically
 from workers.models.runner import ModelRunner
 from workers.training.data import DataError, Sample
 
@@ -107,8 +107,14 @@ def extract_features(
             shapes[i] = emb.transform.source_shape
             grid = emb.grid
             if cache_dir is not None:
-                _write_cache(_cache_path(cache_dir, bundle, samples[i]), c, m, pt, emb.grid,
-                             emb.transform.source_shape)
+                _write_cache(
+                    _cache_path(cache_dir, bundle, samples[i]),
+                    c,
+                    m,
+                    pt,
+                    emb.grid,
+                    emb.transform.source_shape,
+                )
     log.info("features: %d images, %d from the cache", n, hits)
     assert grid is not None
     return FeatureTable(
@@ -121,14 +127,25 @@ def extract_features(
     )
 
 
-def _write_cache(path: Path, cls: np.ndarray, mean: np.ndarray, patches: np.ndarray,
-                 grid: tuple[int, int], shape: tuple[int, int]) -> None:
+def _write_cache(
+    path: Path,
+    cls: np.ndarray,
+    mean: np.ndarray,
+    patches: np.ndarray,
+    grid: tuple[int, int],
+    shape: tuple[int, int],
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        tmp_path = Path(tmp.name)
-        np.savez(tmp, cls=cls, patch_mean=mean, patches=patches, grid=np.array(grid),
-                 shape=np.array(shape))
-    try:
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a name
+            np.savez(
+                f,
+                cls=cls,
+                patch_mean=mean,
+                patches=patches,
+                grid=np.array(grid),
+                shape=np.array(shape),
+            )
+
+    replace_atomically(path, write)
