@@ -15,41 +15,13 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
 from sqlalchemy import select
 
-from pacs_agent.db.models import Instance, Study
-from pacs_agent.db.session import Database
+from pacs_agent.db.models import Study
 from pacs_agent.dimse.scp import start_scp
 from pacs_agent.ingest import Ingestor
-from pacs_agent.settings import Settings
-from pacs_agent.store import InstanceStore
-from tests.conftest import free_port, sample_path, storescu
+from tests.conftest import sample_path, storescu
+from tests.support.listener import Listener
 
 CR = "1.2.840.10008.5.1.4.1.1.1"
-
-
-class Listener:
-    def __init__(self, tmp: Path, database_url: str, **overrides: object) -> None:
-        self.settings = Settings(
-            data_dir=tmp / "data",
-            dicom_port=free_port(),
-            dicom_host="127.0.0.1",
-            database_url=database_url,
-            **overrides,
-        )
-        self.db = Database(database_url)
-        self.store = InstanceStore(self.settings.instance_dir)
-        self.server = start_scp(self.settings, Ingestor(self.db, self.store))
-
-    @property
-    def port(self) -> int:
-        return self.settings.dicom_port
-
-    def instances(self) -> list[Instance]:
-        with self.db.session() as s:
-            return list(s.scalars(select(Instance)))
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.db.dispose()
 
 
 @pytest.fixture

@@ -31,15 +31,9 @@ from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import UID, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from sqlalchemy import func, select
 
-from pacs_agent.db.models import Instance
-from pacs_agent.db.session import Database
-from pacs_agent.dimse.scp import start_scp
-from pacs_agent.ingest import Ingestor
-from pacs_agent.settings import Settings
-from pacs_agent.store import InstanceStore
-from tests.conftest import free_port, sample_path
+from tests.conftest import sample_path
+from tests.support.listener import Listener
 
 # pydicom warns about every invalid value read back from the mutated bytes: that is the point.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -49,40 +43,6 @@ SAMPLES = ("RG3_J2KR.dcm", "CT_small.dcm")
 # Explicit VR: these have a 2-byte reserved field and a 4-byte length.
 LONG_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR", "UT", "SV", "UV"}
 VRS = ["AE", "CS", "DA", "DS", "IS", "LO", "OB", "OW", "SQ", "UI", "UL", "UN", "US", "UT", "ZZ"]
-
-
-class Listener:
-    """A real SCP on a free port, as the agent runs it (pattern of tests/test_dimse.py)."""
-
-    def __init__(self, tmp: Path, database_url: str) -> None:
-        self.settings = Settings(
-            data_dir=tmp / "data",
-            dicom_port=free_port(),
-            dicom_host="127.0.0.1",
-            database_url=database_url,
-        )
-        self.db = Database(database_url)
-        self.store = InstanceStore(self.settings.instance_dir)
-        self.server = start_scp(self.settings, Ingestor(self.db, self.store))
-
-    @property
-    def port(self) -> int:
-        return self.settings.dicom_port
-
-    def count(self) -> tuple[int, int]:
-        """(instance rows, files in the store, temporary files included)."""
-        with self.db.session() as s:
-            rows = s.scalar(select(func.count(Instance.id))) or 0
-        files = sum(1 for p in self.store.root.rglob("*") if p.is_file())
-        return rows, files
-
-    def instance(self, sop_uid: str) -> Instance | None:
-        with self.db.session() as s:
-            return s.scalar(select(Instance).where(Instance.sop_instance_uid == sop_uid))
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.db.dispose()
 
 
 @pytest.fixture

@@ -6,16 +6,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
 
 from pacs_agent.db.migrate import upgrade
-from pacs_agent.db.models import Instance
-from pacs_agent.db.session import Database
-from pacs_agent.dimse.scp import start_scp
-from pacs_agent.ingest import Ingestor
 from pacs_agent.settings import Settings
-from pacs_agent.store import InstanceStore
-from tests.conftest import free_port, sample_path
+from tests.conftest import sample_path
+from tests.support.listener import Listener
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -97,26 +92,28 @@ def _storescu_tls(port: int, pki: Path, *tls: str) -> subprocess.CompletedProces
     )
 
 
-def test_tls_listener_with_client_certificates(tmp_path: Path, pki: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'tls.db'}"
+def _tls_listener(tmp: Path, pki: Path) -> Listener:
+    """The listener with mutual TLS (server certificate, client certificates from our CA)."""
+    url = f"sqlite:///{tmp / 'tls.db'}"
     upgrade(url)
-    settings = Settings(
-        data_dir=tmp_path,
-        dicom_port=free_port(),
-        dicom_host="127.0.0.1",
+    return Listener(
+        tmp,
+        url,
         tls_cert_file=pki / "server.crt",
         tls_key_file=pki / "server.key",
         tls_ca_file=pki / "ca.crt",
     )
-    db = Database(url)
-    server = start_scp(settings, Ingestor(db, InstanceStore(settings.instance_dir)))
+
+
+def test_tls_listener_with_client_certificates(tmp_path: Path, pki: Path) -> None:
+    lst = _tls_listener(tmp_path, pki)
     try:
-        plain = _storescu_tls(settings.dicom_port, pki)
+        plain = _storescu_tls(lst.port, pki)
         assert plain.returncode != 0  # no TLS: refused
-        no_cert = _storescu_tls(settings.dicom_port, pki, "+tla", "+cf", str(pki / "ca.crt"))
+        no_cert = _storescu_tls(lst.port, pki, "+tla", "+cf", str(pki / "ca.crt"))
         assert no_cert.returncode != 0  # TLS without a client certificate: refused
         ok = _storescu_tls(
-            settings.dicom_port,
+            lst.port,
             pki,
             "+tls",
             str(pki / "client.key"),
@@ -125,11 +122,9 @@ def test_tls_listener_with_client_certificates(tmp_path: Path, pki: Path) -> Non
             str(pki / "ca.crt"),
         )
         assert ok.returncode == 0, ok.stdout + ok.stderr
-        with db.session() as s:
-            assert len(list(s.scalars(select(Instance)))) == 1
+        assert len(lst.instances()) == 1
     finally:
-        server.shutdown()
-        db.dispose()
+        lst.stop()
 
 
 def test_tls_settings_are_checked(tmp_path: Path, pki: Path) -> None:
@@ -145,19 +140,8 @@ def test_results_delivered_over_tls(tmp_path: Path, pki: Path) -> None:
     """dicom+tls:// destinations: the product's C-STORE SCU to a TLS peer (here the listener)."""
     from pacs_agent.delivery.senders import DeliveryError, client_tls_context, sender_for
 
-    url = f"sqlite:///{tmp_path / 'peer.db'}"
-    upgrade(url)
-    settings = Settings(
-        data_dir=tmp_path,
-        dicom_port=free_port(),
-        dicom_host="127.0.0.1",
-        tls_cert_file=pki / "server.crt",
-        tls_key_file=pki / "server.key",
-        tls_ca_file=pki / "ca.crt",
-    )
-    db = Database(url)
-    server = start_scp(settings, Ingestor(db, InstanceStore(settings.instance_dir)))
-    dest = f"dicom+tls://PACSAGENT@127.0.0.1:{settings.dicom_port}"
+    lst = _tls_listener(tmp_path, pki)
+    dest = f"dicom+tls://PACSAGENT@127.0.0.1:{lst.port}"
     try:
         with pytest.raises(DeliveryError):  # no client certificate: the peer refuses
             sender_for(dest, tls=client_tls_context(pki / "ca.crt", None, None)).send(
@@ -165,8 +149,6 @@ def test_results_delivered_over_tls(tmp_path: Path, pki: Path) -> None:
             )
         ctx = client_tls_context(pki / "ca.crt", pki / "client.crt", pki / "client.key")
         sender_for(dest, tls=ctx).send([sample_path("CT_small.dcm")])
-        with db.session() as s:
-            assert len(list(s.scalars(select(Instance)))) == 1
+        assert len(lst.instances()) == 1
     finally:
-        server.shutdown()
-        db.dispose()
+        lst.stop()
