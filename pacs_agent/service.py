@@ -22,7 +22,7 @@ from pacs_agent.completion import CompletionLoop
 from pacs_agent.db import migrate
 from pacs_agent.db.session import Database
 from pacs_agent.dimse.scp import start_scp
-from pacs_agent.http.app import AgentState, create_app
+from pacs_agent.api.app import AgentState, create_app
 from pacs_agent.ingest import Ingestor
 from pacs_agent.pull import PullWorker
 from pacs_agent.queue import make_celery

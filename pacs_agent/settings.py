@@ -66,8 +66,16 @@ class Settings(BaseSettings):
     http_port: int = 8000
     # How workers reach the agent to fetch instances (no shared folder between hosts).
     agent_url: str | None = None
-    # Bearer token required on /api/* when set (workers send it too). Required in production.
+    # A service bearer token for workers and scripts (role `service`: fetch instances, STOW-RS).
+    # Users and their tokens live in the database (`pacs-agent users ...`); nothing is open
+    # without a credential except /health, /metrics and the HMAC-signed webhook.
     api_token: str | None = None
+    # Console sessions: lifetime, and failed logins allowed per user and address per window.
+    session_ttl_s: int = 8 * 3600
+    login_attempts: int = 5
+    login_window_s: int = 300
+    # Cookies carry the Secure flag (set true behind HTTPS).
+    secure_cookies: bool = False
 
     data_dir: Path = Path("data")
     database_url: str | None = None
@@ -81,6 +89,36 @@ class Settings(BaseSettings):
     # When set, results are also written to this folder (file:// destination). `pacs-agent run`
     # defaults it to data_dir/output.
     output_dir: Path | None = None
+
+    # Pipelines: what a study matching no rule runs (the fallback rule), and, when the
+    # pipelines table is empty at start, the bundle that this pipeline is seeded with.
+    default_pipeline: str = "chest"
+
+    # Priority (pacs_agent.scheduling.priority): calling AEs whose studies are stat (e.g. the
+    # emergency department's modalities); how long a queued job waits before it gains one class
+    # (aging, so that routine work is never starved); the window in which offpeak work runs
+    # (local time, "HH:MM-HH:MM", may wrap past midnight).
+    stat_calling_aes: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    priority_aging_s: float = 600.0
+    offpeak_window: str = "20:00-06:00"
+    # The worker's lane: "all" serves every class; "urgent" is a reserved lane for stat and
+    # urgent jobs only, so they never wait behind a batch of routine work.
+    worker_lane: Literal["all", "urgent"] = "all"
+
+    # Triage notifications: channel URLs used when no rule names any (webhook+http(s)://,
+    # mllp://host:port, orthanc+http://host:port), the levels that notify, the HMAC secret of
+    # webhook notifications (unset: the webhook secret), and whether the patient's name may be
+    # sent (never by default).
+    notify: str = ""
+    notify_levels: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["urgent", "critical"]
+    )
+    notify_secret: str | None = None
+    notify_patient_name: bool = False
+    notify_attempts: int = 10
+    notify_backoff_s: float = 5.0
+    # Links in notifications point here (the console's public address); unset: agent_url.
+    public_url: str | None = None
 
     # Study completion: seconds without a new instance before a study counts as complete.
     quiet_period_s: float = 3.0
@@ -141,7 +179,13 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, _ConfigFileSource(settings_cls), file_secret_settings)
 
-    @field_validator("allowed_calling_aes", "complete_on_release_aes", mode="before")
+    @field_validator(
+        "allowed_calling_aes",
+        "complete_on_release_aes",
+        "stat_calling_aes",
+        "notify_levels",
+        mode="before",
+    )
     @classmethod
     def _split_aes(cls, v: Any) -> Any:
         if isinstance(v, str):
@@ -217,6 +261,10 @@ class Settings(BaseSettings):
         if self.agent_url:
             return self.agent_url.rstrip("/")
         return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def notify_urls(self) -> list[str]:
+        return [u.strip() for u in self.notify.split(",") if u.strip()]
 
     @property
     def destination_urls(self) -> list[str]:

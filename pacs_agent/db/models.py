@@ -82,6 +82,12 @@ class Study(Base):
     completed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     # Set when the retention policy removed the study's instance files.
     purged_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # Priority class the study arrived with (pacs_agent.scheduling.priority): from Requested
+    # Procedure Priority (0040,1003) STAT/HIGH or a stat calling AE; None when it says nothing.
+    incoming_priority: Mapped[str | None] = mapped_column(String(16))
+    # The routing decision of the latest version: the rule's name and version (None: fallback).
+    rule_name: Mapped[str | None] = mapped_column(String(128))
+    rule_version: Mapped[int | None] = mapped_column(Integer)
 
     series: Mapped[list[Series]] = relationship(back_populates="study")
     jobs: Mapped[list[Job]] = relationship(back_populates="study")
@@ -127,31 +133,77 @@ class Instance(Base):
 
 
 class Rule(Base):
-    """A routing rule: conditions on the study decide which pipeline runs and where results go."""
+    """A routing rule: CEL conditions over each instance decide what happens to a study.
+
+    Validated and versioned by pacs_agent.scheduling.rules; see the README for the format.
+    """
 
     __tablename__ = "rules"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(128), unique=True)
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
-    priority: Mapped[int] = mapped_column(Integer, default=100)  # lower is evaluated first
-    # JSON object, see pacs_agent.routing.RuleConditions
-    conditions: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    action: Mapped[str] = mapped_column(String(16), default="process")  # process | skip
-    pipeline: Mapped[str] = mapped_column(String(128), default="default")
-    triage_priority: Mapped[int] = mapped_column(Integer, default=5)  # Celery priority 0..9
+    position: Mapped[int] = mapped_column(Integer, default=100)  # rule order: lower first
+    # CEL expressions; all must hold for one instance of the study.
+    when: Mapped[list[str]] = mapped_column(JSON, default=list)
+    action: Mapped[str] = mapped_column(String(16), default="process")  # process | discard
+    reason: Mapped[str | None] = mapped_column(Text)  # why a discard rule discards
+    pipeline: Mapped[str | None] = mapped_column(String(128))  # None: the default pipeline
+    priority: Mapped[str | None] = mapped_column(String(16))  # stat | urgent | routine | offpeak
     destinations: Mapped[list[str]] = mapped_column(JSON, default=list)
     # How studies this rule takes are known to be complete; see pacs_agent.routing.Completion.
     completion: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    notify: Mapped[list[str]] = mapped_column(JSON, default=list)  # notification channel names
+    continue_: Mapped[bool] = mapped_column("continue", Boolean, default=False)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    # The last run-time failure of this rule (e.g. a row written by hand); cleared on save.
+    error: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_by: Mapped[str | None] = mapped_column(String(64))
 
 
 class Destination(Base):
+    """A named result destination or notification channel; the URL may hold credentials, which
+    are never shown back (API, console, logs)."""
+
     __tablename__ = "destinations"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(128), unique=True)
     url: Mapped[str] = mapped_column(Text)
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    # "destination" (results) or "notify" (a triage notification channel).
+    purpose: Mapped[str] = mapped_column(String(16), default="destination")
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Pipeline(Base):
+    """A named model bundle with its adapters: what a rule's ``pipeline`` runs."""
+
+    __tablename__ = "pipelines"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    # Bundle folder as the worker hosts see it.
+    bundle: Mapped[str] = mapped_column(Text)
+    description: Mapped[str | None] = mapped_column(Text)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class WorkerBeat(Base):
+    """A worker's heartbeat: which pipelines it serves, in which lane, and when it was last seen."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    pipelines: Mapped[list[str]] = mapped_column(JSON, default=list)
+    # Bundle name, version, checksum and DEMO flag per pipeline as the worker loaded them.
+    bundles: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    lane: Mapped[str] = mapped_column(String(16), default="all")  # all | urgent
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_seen_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class Job(Base):
@@ -163,9 +215,13 @@ class Job(Base):
     study_version: Mapped[int] = mapped_column(Integer, default=1)
     pipeline: Mapped[str] = mapped_column(String(128))
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.PENDING.value, index=True)
-    priority: Mapped[int] = mapped_column(Integer, default=5)
+    # The broker's number for priority_class (pacs_agent.scheduling.priority): 0 is served first.
+    priority: Mapped[int] = mapped_column(Integer, default=6)
+    priority_class: Mapped[str] = mapped_column(String(16), default="routine")
     destinations: Mapped[list[str]] = mapped_column(JSON, default=list)
+    notify: Mapped[list[str]] = mapped_column(JSON, default=list)  # channel names or URLs
     rule_name: Mapped[str | None] = mapped_column(String(128))
+    rule_version: Mapped[int | None] = mapped_column(Integer)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
     triage: Mapped[str | None] = mapped_column(String(16))  # routine | urgent | critical
@@ -228,3 +284,98 @@ class Event(Base):
     message: Mapped[str] = mapped_column(Text)
     level: Mapped[str] = mapped_column(String(8), default="info")
     duration_s: Mapped[float | None] = mapped_column(Float)
+
+
+class NotificationStatus(enum.StrEnum):
+    PENDING = "pending"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class Notification(Base):
+    """One triage notification: sent once per study version and channel, retried like deliveries."""
+
+    __tablename__ = "notifications"
+    __table_args__ = (UniqueConstraint("study_id", "study_version", "channel"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    study_version: Mapped[int] = mapped_column(Integer, default=1)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
+    channel: Mapped[str] = mapped_column(Text)  # URL (credentials never shown back)
+    level: Mapped[str] = mapped_column(String(16))  # urgent | critical
+    priority: Mapped[int] = mapped_column(Integer, default=6)  # broker number: 0 first
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    status: Mapped[str] = mapped_column(String(16), default=NotificationStatus.PENDING.value)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    next_attempt_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))  # admin | operator | viewer
+    password_hash: Mapped[str | None] = mapped_column(Text)  # Argon2id
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_login_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ApiToken(Base):
+    """A bearer token; only its SHA-256 is stored."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(12))  # shown to admins to tell tokens apart
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_used_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class UserSession(Base):
+    """A console login: the cookie holds a random id whose SHA-256 is stored here."""
+
+    __tablename__ = "user_sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    session_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+
+class AuditEntry(Base):
+    """Who changed what and when: logins, rules (before/after), destinations, pipelines, users,
+    retries and re-runs. Never patient data."""
+
+    __tablename__ = "audit"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    actor: Mapped[str | None] = mapped_column(String(64))  # user name, or None for the system
+    action: Mapped[str] = mapped_column(String(32))  # e.g. rule.update, login.failure
+    target_type: Mapped[str | None] = mapped_column(String(32))  # rule | destination | ...
+    target: Mapped[str | None] = mapped_column(String(128))
+    before: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    after: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    detail: Mapped[str | None] = mapped_column(Text)
+
+
+class AgentFlag(Base):
+    """Switches an operator flips at run time (e.g. processing suspended)."""
+
+    __tablename__ = "agent_flags"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[Any] = mapped_column(JSON)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_by: Mapped[str | None] = mapped_column(String(64))

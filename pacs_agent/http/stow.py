@@ -25,6 +25,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from starlette.concurrency import run_in_threadpool
 
+from pacs_agent.api.deps import require
 from pacs_agent.dicom_facts import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_DATASET_MISMATCH,
@@ -34,6 +35,7 @@ from pacs_agent.dicom_facts import (
 )
 from pacs_agent.dimse.scp import TRANSFER_SYNTAXES
 from pacs_agent.ingest import Ingestor, parse_part10
+from pacs_agent.security import SERVICE_ROLE
 
 log = logging.getLogger(__name__)
 
@@ -312,16 +314,6 @@ def _valid_uid(value: str | None) -> str | None:
 # --- the endpoint ------------------------------------------------------------------------------
 
 
-def require_token(request: Request) -> None:
-    token = request.app.state.agent.settings.api_token
-    if token and request.headers.get("authorization") != f"Bearer {token}":
-        raise HTTPException(
-            status_code=401,
-            detail="missing or wrong API token",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-
-
 def _boundary_of(content_type: str | None) -> str:
     if not content_type:
         raise HTTPException(415, detail='expected multipart/related; type="application/dicom"')
@@ -373,11 +365,11 @@ async def _stow(request: Request, study_uid: str | None) -> Response:
     )
 
 
-@router.post("/dicomweb/studies", dependencies=[Depends(require_token)])
+@router.post("/dicomweb/studies", dependencies=[Depends(require(SERVICE_ROLE))])
 async def stow_studies(request: Request) -> Response:
     return await _stow(request, None)
 
 
-@router.post("/dicomweb/studies/{study_uid}", dependencies=[Depends(require_token)])
+@router.post("/dicomweb/studies/{study_uid}", dependencies=[Depends(require(SERVICE_ROLE))])
 async def stow_study(study_uid: str, request: Request) -> Response:
     return await _stow(request, study_uid)

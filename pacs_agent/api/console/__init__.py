@@ -1,0 +1,1 @@
+"""The console: server-rendered pages (Jinja2, autoescaped) for admins, operators and viewers."""

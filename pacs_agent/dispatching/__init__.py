@@ -1,0 +1,1 @@
+"""Dispatching: deliveries of results and triage notifications, with persisted retries."""

@@ -1,0 +1,1 @@
+"""Scheduling: study completion, routing (CEL rules), jobs and their queues, priorities."""
