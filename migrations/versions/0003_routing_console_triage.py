@@ -228,6 +228,8 @@ def upgrade() -> None:
 
     with op.batch_alter_table("studies", schema=None) as batch_op:
         batch_op.add_column(sa.Column("incoming_priority", sa.String(length=16), nullable=True))
+        batch_op.add_column(sa.Column("called_ae", sa.String(length=16), nullable=True))
+        batch_op.add_column(sa.Column("sender_address", sa.String(length=64), nullable=True))
         batch_op.add_column(sa.Column("rule_name", sa.String(length=128), nullable=True))
         batch_op.add_column(sa.Column("rule_version", sa.Integer(), nullable=True))
 
@@ -259,6 +261,8 @@ def downgrade() -> None:
         batch_op.drop_column("rule_version")
         batch_op.drop_column("rule_name")
         batch_op.drop_column("incoming_priority")
+        batch_op.drop_column("sender_address")
+        batch_op.drop_column("called_ae")
 
     # Conditions written in CEL have no typed equivalent: rules come back empty (match all).
     with op.batch_alter_table("rules", schema=None) as batch_op:

@@ -35,6 +35,7 @@ def create_app(state: AgentState) -> FastAPI:
         health,
         instances,
         jobs,
+        notifications,
         pipelines,
         queue,
         rules,

@@ -76,6 +76,8 @@ class Study(Base):
     version: Mapped[int] = mapped_column(Integer, default=1)
     source: Mapped[str] = mapped_column(String(32), default="dimse")  # dimse | orthanc | stow
     calling_ae: Mapped[str | None] = mapped_column(String(16))
+    called_ae: Mapped[str | None] = mapped_column(String(16))
+    sender_address: Mapped[str | None] = mapped_column(String(64))  # IP of the sending host
     orthanc_id: Mapped[str | None] = mapped_column(String(64))
     first_received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,0 +1,7 @@
+"""`/api/notifications` routes (being written)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter(tags=["notifications"])
