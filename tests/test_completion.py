@@ -12,10 +12,11 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select, update
 
 from pacs_agent.completion import CompletionLoop
-from pacs_agent.db.models import Event, Job, Rule, Study
+from pacs_agent.db.models import Destination, Event, Job, Rule, Study
 from pacs_agent.db.session import Database
 from pacs_agent.ingest import Ingestor, parse_part10
 from pacs_agent.queue import INFERENCE_QUEUE, TASK_PROCESS_JOB, make_celery
+from pacs_agent.scheduling.priority import broker_number
 from pacs_agent.settings import Settings
 from pacs_agent.store import InstanceStore
 from tests.conftest import free_port, sample_path
@@ -25,10 +26,15 @@ def _setup(
     tmp: Path, database_url: str, broker_url: str
 ) -> tuple[Database, Ingestor, CompletionLoop]:
     db = Database(database_url)
-    ingestor = Ingestor(db, InstanceStore(tmp / "store"))
+    store = InstanceStore(tmp / "store")
+    ingestor = Ingestor(db, store)
     settings = Settings(data_dir=tmp, database_url=database_url, broker_url=broker_url)
     loop = CompletionLoop(
-        db, make_celery(settings), quiet_period_s=0.0, default_destinations=["file:///tmp/out"]
+        db,
+        make_celery(settings),
+        quiet_period_s=0.0,
+        default_destinations=["file:///tmp/out"],
+        store=store,
     )
     return db, ingestor, loop
 
@@ -120,22 +126,25 @@ def test_study_without_analysable_images_is_skipped_with_reason(
 def test_rules_route_and_skip(tmp_path: Path, database_url: str, broker_url: str) -> None:
     db, ingestor, loop = _setup(tmp_path, database_url, broker_url)
     with db.session() as s:
+        s.add(Destination(name="pacs", url="dicom://PACS@h:104"))
         s.add(
             Rule(
-                name="skip-from-MOD",
-                priority=1,
-                conditions={"calling_aes": ["MOD"], "body_parts": ["FOOT"]},
-                action="skip",
+                name="skip-feet-from-MOD",
+                position=1,
+                when=['calling_ae == "MOD"', 'tags.BodyPartExamined == "FOOT"'],
+                action="discard",
+                reason="feet are not read here",
             )
         )
         s.add(
             Rule(
                 name="chest",
-                priority=2,
-                conditions={"modalities": ["CR", "DX"]},
+                position=2,
+                when=['tags.Modality in ["CR", "DX"]'],
                 pipeline="chest",
-                triage_priority=7,
-                destinations=["dicom://PACS@h:104"],
+                priority="urgent",
+                destinations=["pacs", "sender"],
+                notify=["ward"],
             )
         )
     chest = _ingest(ingestor, "RG1_J2KR.dcm")
@@ -147,11 +156,91 @@ def test_rules_route_and_skip(tmp_path: Path, database_url: str, broker_url: str
     with db.session() as s:
         by_uid = {st.study_instance_uid: st for st in s.scalars(select(Study))}
         [job] = list(s.scalars(select(Job)))
+        events = [e.message for e in s.scalars(select(Event).where(Event.level == "warning"))]
     assert by_uid[chest].status == "queued"
-    assert job.pipeline == "chest" and job.priority == 7 and job.rule_name == "chest"
+    assert by_uid[chest].rule_name == "chest" and by_uid[chest].rule_version == 1
+    assert job.pipeline == "chest" and job.rule_name == "chest" and job.rule_version == 1
+    assert job.priority_class == "urgent" and job.priority == broker_number("urgent")
+    assert job.notify == ["ward"]
+    # "sender": the study came by _ingest without an address, so only the named destination.
     assert job.destinations == ["dicom://PACS@h:104"]
+    assert any("'sender' left out" in m for m in events)
     assert by_uid[other].status == "skipped"
-    assert "skip-from-MOD" in (by_uid[other].reason or "")
+    assert by_uid[other].reason == "feet are not read here"
+    assert by_uid[other].rule_name == "skip-feet-from-MOD"
+
+
+def test_fallback_and_incoming_priority(tmp_path: Path, database_url: str, broker_url: str) -> None:
+    """No rule matches: the fallback rule (default pipeline, default destinations); the job's
+    class is the study's incoming priority when no rule sets one."""
+    db, ingestor, loop = _setup(tmp_path, database_url, broker_url)
+    with db.session() as s:
+        s.add(Rule(name="mr-only", when=['tags.Modality == "MR"'], action="discard"))
+    uid = _ingest(ingestor, "RG1_J2KR.dcm")
+    with db.session() as s:
+        s.execute(update(Study).values(incoming_priority="stat"))
+    _age_studies(db)
+    loop.run_once()
+    with db.session() as s:
+        st = s.scalar(select(Study).where(Study.study_instance_uid == uid))
+        [job] = list(s.scalars(select(Job)))
+    assert st is not None and st.status == "queued"
+    assert st.rule_name == "fallback" and st.rule_version == 1
+    assert job.pipeline == "chest" and job.destinations == ["file:///tmp/out"]
+    assert job.priority_class == "stat" and job.priority == 0
+
+
+def test_continue_makes_one_job_per_pipeline(
+    tmp_path: Path, database_url: str, broker_url: str
+) -> None:
+    db, ingestor, loop = _setup(tmp_path, database_url, broker_url)
+    with db.session() as s:
+        s.add(Rule(name="a", position=1, when=[], pipeline="chest", continue_=True))
+        s.add(Rule(name="b", position=2, when=[], pipeline="multi-anatomy", continue_=True))
+        s.add(Rule(name="c", position=3, when=[], pipeline="chest", priority="stat"))
+        s.add(Rule(name="never", position=4, when=[], pipeline="other"))
+    _ingest(ingestor, "RG1_J2KR.dcm")
+    _age_studies(db)
+    loop.run_once()
+    with db.session() as s:
+        jobs = {j.pipeline: j for j in s.scalars(select(Job))}
+    assert set(jobs) == {"chest", "multi-anatomy"}
+    assert jobs["chest"].rule_name == "a" and jobs["chest"].priority_class == "stat"
+    assert jobs["multi-anatomy"].rule_name == "b"
+
+
+def test_corrupted_rule_row_is_skipped_and_shows_its_error(
+    tmp_path: Path, database_url: str, broker_url: str
+) -> None:
+    """A rule row written by hand with CEL that does not compile does not stop routing: the
+    study is routed by the next rule, the study has a warning event, the rule shows its error."""
+    db, ingestor, loop = _setup(tmp_path, database_url, broker_url)
+    with db.session() as s:
+        s.add(Rule(name="broken", position=1, when=["tags.Modality =="], pipeline="x"))
+        s.add(Rule(name="typo", position=2, when=["modality == 'CR'"], pipeline="y"))
+        s.add(Rule(name="mapping", position=2, when={"modality": ["CR"]}, action="skip"))
+        s.add(Rule(name="good", position=3, when=['tags.Modality == "CR"'], pipeline="chest"))
+    uid = _ingest(ingestor, "RG1_J2KR.dcm")
+    _age_studies(db)
+    loop.run_once()
+    with db.session() as s:
+        st = s.scalar(select(Study).where(Study.study_instance_uid == uid))
+        assert st is not None
+        [job] = list(s.scalars(select(Job)))
+        rules = {r.name: r for r in s.scalars(select(Rule))}
+        warnings = [
+            e.message
+            for e in s.scalars(select(Event).where(Event.study_id == st.id))
+            if e.level == "warning"
+        ]
+    assert st.status == "queued" and st.rule_name == "good"
+    assert job.pipeline == "chest"
+    assert "does not compile" in (rules["broken"].error or "")
+    assert "unknown variable 'modality'" in (rules["typo"].error or "")
+    assert "when" in (rules["mapping"].error or "") and "action" in (rules["mapping"].error or "")
+    assert rules["good"].error is None
+    assert any("'broken' v1 skipped" in w for w in warnings)
+    assert any("'typo' v1 skipped" in w for w in warnings)
 
 
 def test_broker_down_keeps_job_pending_until_it_returns(
@@ -193,6 +282,7 @@ def _loop(tmp: Path, database_url: str, broker_url: str, **kw: object) -> Comple
         make_celery(settings),
         quiet_period_s=3600,
         default_destinations=[],
+        store=InstanceStore(tmp / "store"),
         **kw,
     )  # type: ignore[arg-type]
 
@@ -213,16 +303,16 @@ def test_expected_count_and_required_series_complete_without_waiting(
         s.add(
             Rule(
                 name="two-views",
-                priority=1,
-                conditions={"modalities": ["CR"]},
+                position=1,
+                when=['tags.Modality == "CR"'],
                 completion={"expected_instances": 2},
             )
         )
         s.add(
             Rule(
                 name="needs-lateral",
-                priority=2,
-                conditions={"modalities": ["DX", "OT"]},
+                position=2,
+                when=['tags.Modality in ["DX", "OT"]'],
                 completion={"required_series": ["LAT"]},
             )
         )
@@ -261,7 +351,7 @@ def test_images_in_acquisition_completes(
     db, ingestor, _ = _setup(tmp_path, database_url, broker_url)
     loop = _loop(tmp_path, database_url, broker_url)
     with db.session() as s:
-        s.add(Rule(name="iia", conditions={}, completion={"images_in_acquisition": True}))
+        s.add(Rule(name="iia", when=[], completion={"images_in_acquisition": True}))
     uid = _ingest(ingestor, "RG1_J2KR.dcm", ImagesInAcquisition="2", AcquisitionNumber="1")
     loop.run_once()
     assert _status(db, uid) == "receiving"

@@ -45,7 +45,7 @@ from pacs_agent.dicom_facts import (
     STATUS_PROCESSING_FAILURE,
     RejectedDataset,
 )
-from pacs_agent.ingest import Ingestor
+from pacs_agent.ingest import Ingestor, Peer
 from pacs_agent.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,11 @@ def handle_store(event: Event, ingestor: Ingestor, tracker: ReleaseTracker | Non
         except Exception as exc:
             raise RejectedDataset(0xC210, f"cannot read the dataset stream: {exc}") from None
         ts = UID(str(event.context.transfer_syntax))
-        outcome = ingestor.ingest_file(path, ts, source="dimse", calling_ae=calling_ae)
+        peer = Peer(
+            called_ae=str(event.assoc.acceptor.ae_title).strip() or None,
+            address=str(event.assoc.requestor.address or "") or None,
+        )
+        outcome = ingestor.ingest_file(path, ts, source="dimse", calling_ae=calling_ae, peer=peer)
         sop_uid = outcome.sop_uid
         if tracker is not None:
             tracker.stored(event.assoc, outcome.study_uid)
