@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(folder, ignore_errors=True)
     dicom_port, http_port = _free_port(), _free_port()
     url = f"http://127.0.0.1:{http_port}"
+    token = secrets.token_urlsafe(32)
+    auth = {"authorization": f"Bearer {token}"}
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("PACS_AGENT_")},
         "PACS_AGENT_DATA_DIR": str(data_dir),
@@ -78,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         "PACS_AGENT_HTTP_PORT": str(http_port),
         "PACS_AGENT_HTTP_HOST": "127.0.0.1",
         "PACS_AGENT_QUIET_PERIOD_S": "2",
+        # The API is closed by default: the demo reads it with a service token of its own.
+        "PACS_AGENT_API_TOKEN": token,
     }
     print(f"starting the agent (DICOM port {dicom_port}, HTTP {url}, data {data_dir})", flush=True)
     proc = subprocess.Popen([sys.executable, "-m", "pacs_agent.cli", "run"], env=env)
@@ -113,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             end = time.monotonic() + args.timeout
             info: dict | None = None
             while time.monotonic() < end:
-                r = httpx.get(f"{url}/api/studies/{uid}", timeout=10)
+                r = httpx.get(f"{url}/api/studies/{uid}", headers=auth, timeout=10)
                 info = r.json() if r.status_code == 200 else None
                 if info and info["status"] in TERMINAL:
                     break

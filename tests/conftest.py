@@ -4,6 +4,7 @@ not running), fresh databases per test, and helpers to run the agent and a worke
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -229,6 +230,8 @@ class AgentEnv:
             "PACS_AGENT_QUIET_PERIOD_S": "2",
             "PACS_AGENT_DELIVERY_BACKOFF_S": "0.5",
             "PACS_AGENT_MIN_FREE_DISK_MB": "50",
+            # Closed by default: the worker fetches instances and the tests read the API with it.
+            "PACS_AGENT_API_TOKEN": secrets.token_urlsafe(32),
         }
         self.procs: list[Proc] = []
         self.tmp = tmp
@@ -253,8 +256,12 @@ class AgentEnv:
         self.procs.append(p)
         return p
 
+    def auth(self) -> dict[str, str]:
+        """The Authorization header of the service token (which may read, as a viewer)."""
+        return {"authorization": f"Bearer {self.env['PACS_AGENT_API_TOKEN']}"}
+
     def study(self, study_uid: str) -> dict | None:
-        r = httpx.get(f"{self.url}/api/studies/{study_uid}", timeout=10)
+        r = httpx.get(f"{self.url}/api/studies/{study_uid}", headers=self.auth(), timeout=10)
         return r.json() if r.status_code == 200 else None
 
     def wait_study(self, study_uid: str, states: set[str], timeout: float = 240) -> dict:

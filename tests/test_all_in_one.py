@@ -41,6 +41,9 @@ def test_demo_runs_end_to_end_on_embedded_defaults(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert len(re.findall(r"^study [0-9.]+: done$", res.stdout, re.MULTILINE)) == 2
     assert "random weights" in res.stdout
+    # A fresh data folder: the first admin's random password is printed, once.
+    assert res.stdout.count("First start: created the console user 'admin'") == 1
+    assert re.search(r"^  password: \S{16,}$", res.stdout, re.MULTILINE)
     files = sorted(out.rglob("*.dcm"))
     kinds: dict[str, int] = {}
     for f in files:

@@ -20,6 +20,8 @@ from pacs_agent.webhook_auth import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 from tests.conftest import sample_path
 
 SECRET = "test-secret-for-webhook"
+SERVICE_TOKEN = "service-token-for-the-http-tests"
+SERVICE = {"authorization": f"Bearer {SERVICE_TOKEN}"}
 
 
 class RecordingPuller:
@@ -38,7 +40,11 @@ def client(
     tmp_path: Path, database_url: str
 ) -> Iterator[tuple[TestClient, AgentState, RecordingPuller]]:
     settings = Settings(
-        data_dir=tmp_path, database_url=database_url, webhook_secret=SECRET, min_free_disk_mb=1
+        data_dir=tmp_path,
+        database_url=database_url,
+        webhook_secret=SECRET,
+        min_free_disk_mb=1,
+        api_token=SERVICE_TOKEN,
     )
     db = Database(database_url)
     puller = RecordingPuller()
@@ -115,21 +121,25 @@ def test_instance_download_and_study_api(client: tuple) -> None:
     data = sample_path("RG3_J2KR.dcm").read_bytes()
     ds = parse_part10(data)
     Ingestor(state.db, state.store).ingest(data, ds, ds.file_meta.TransferSyntaxUID, source="stow")
-    r = c.get(f"/api/instances/{ds.SOPInstanceUID}")
+    r = c.get(f"/api/instances/{ds.SOPInstanceUID}", headers=SERVICE)
     assert r.status_code == 200 and r.content == data
-    assert c.get("/api/instances/1.2.3.4").status_code == 404
-    st = c.get(f"/api/studies/{ds.StudyInstanceUID}").json()
+    assert c.get("/api/instances/1.2.3.4", headers=SERVICE).status_code == 404
+    st = c.get(f"/api/studies/{ds.StudyInstanceUID}", headers=SERVICE).json()
     assert st["status"] == "receiving" and st["instances"] == 1
     assert st["events"][0]["kind"] == "study.receiving"
     # No patient data in the admin view.
     assert str(ds.PatientName) not in json.dumps(st)
 
 
-def test_api_token_required_when_set(client: tuple) -> None:
+def test_api_is_closed_by_default(client: tuple) -> None:
     c, state, _ = client
-    state.settings = state.settings.model_copy(update={"api_token": "tok"})
     assert c.get("/api/studies").status_code == 401
-    assert c.get("/api/studies", headers={"authorization": "Bearer tok"}).status_code == 200
+    assert c.get("/api/studies", headers={"authorization": "Bearer tok"}).status_code == 401
+    assert c.get("/api/studies", headers=SERVICE).status_code == 200
+    # Without a configured service token, no bearer token is the service token.
+    state.settings = state.settings.model_copy(update={"api_token": None})
+    assert c.get("/api/studies", headers=SERVICE).status_code == 401
+    assert c.get("/health").status_code == 200  # open
 
 
 def test_production_refuses_default_secret(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -139,6 +149,13 @@ def test_production_refuses_default_secret(monkeypatch: pytest.MonkeyPatch) -> N
     with pytest.raises(ValidationError, match="WEBHOOK_SECRET"):
         Settings()
     monkeypatch.setenv("PACS_AGENT_WEBHOOK_SECRET", "a-real-secret")
+    # Closed by default: workers fetch instances with the service token, so it must be set.
+    with pytest.raises(ValidationError, match="API_TOKEN"):
+        Settings()
+    monkeypatch.setenv("PACS_AGENT_API_TOKEN", "short")
+    with pytest.raises(ValidationError, match="API_TOKEN"):
+        Settings()
+    monkeypatch.setenv("PACS_AGENT_API_TOKEN", "a-service-token-of-32-characters")
     assert Settings().environment == "production"
 
 

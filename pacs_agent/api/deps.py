@@ -4,6 +4,10 @@ Closed by default: a route gets a principal only from a bearer token (a user's A
 service token) or from a console session cookie; unsafe methods with a cookie also need the
 session's CSRF token in the ``X-CSRF-Token`` header (or the ``csrf_token`` form field, which the
 console's forms carry). Without a credential: 401; with a role that may not: 403.
+
+Every ``/api/*`` and ``/dicomweb/*`` route depends on one of ``Viewer``, ``Operator``, ``Admin``
+or ``Service``; tests/test_openapi_auth.py reads the role each route needs from the dependency's
+``required_role`` attribute and checks every route of the OpenAPI document.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, HTTPException, Request
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from pacs_agent.db.models import ApiToken, User, UserSession, utcnow
 from pacs_agent.security import SERVICE_ROLE, role_allows, same, sha256_hex
@@ -25,7 +30,23 @@ if TYPE_CHECKING:
 
 SESSION_COOKIE = "pacs_agent_session"
 CSRF_HEADER = "x-csrf-token"
+CSRF_FIELD = "csrf_token"
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
+# A token's last use is written at most this often (not one database write per request).
+LAST_USED_RESOLUTION = dt.timedelta(minutes=1)
+# The longest credential looked at; anything longer is refused without a database query.
+MAX_CREDENTIAL = 512
+
+# What route documentation adds for the dependency's refusals (schemathesis checks that every
+# status returned is documented).
+AUTH_RESPONSES: dict[int | str, dict[str, str]] = {
+    401: {"description": "no credential, or an unknown, revoked or expired one"},
+    403: {"description": "the caller's role may not do this, or the CSRF token is missing"},
+}
+# FastAPI answers 400 (not 422) to a body it cannot parse at all, e.g. bytes that are not UTF-8.
+BODY_RESPONSES: dict[int | str, dict[str, str]] = {
+    400: {"description": "the body could not be parsed (not JSON, or not UTF-8)"},
+}
 
 
 @dataclass(frozen=True)
@@ -52,52 +73,52 @@ def _aware(t: dt.datetime) -> dt.datetime:
     return t if t.tzinfo is not None else t.replace(tzinfo=dt.UTC)
 
 
-def _from_bearer(request: Request, token: str) -> Principal | None:
-    state = get_state(request)
+def principal_from_token(state: AgentState, token: str) -> Principal | None:
+    """The principal of a bearer token: the service token, or a user's unrevoked API token."""
+    if not token or len(token) > MAX_CREDENTIAL:
+        return None
     if same(token, state.settings.api_token):
         return Principal("service", SERVICE_ROLE, "service-token")
-    digest = sha256_hex(token)
+    digest = sha256_hex(token)  # looked up by digest: the token itself is never stored
     with state.db.session() as s:
         row = s.execute(
-            select(ApiToken, User)
+            select(ApiToken.id, ApiToken.last_used_at, User.name, User.role, User.enabled)
             .join(User, User.id == ApiToken.user_id)
             .where(ApiToken.token_sha256 == digest, ApiToken.revoked_at.is_(None))
         ).first()
-        if row is None:
+        if row is None or not row.enabled:
             return None
-        tok, user = row
-        if not user.enabled:
-            return None
-        tok.last_used_at = utcnow()
-        return Principal(user.name, user.role, "token")
+        now = utcnow()
+        if row.last_used_at is None or now - _aware(row.last_used_at) > LAST_USED_RESOLUTION:
+            s.execute(update(ApiToken).where(ApiToken.id == row.id).values(last_used_at=now))
+        return Principal(row.name, row.role, "token")
 
 
-def _from_cookie(request: Request, cookie: str) -> Principal | None:
-    state = get_state(request)
-    digest = sha256_hex(cookie)
+def principal_from_cookie(state: AgentState, cookie: str) -> Principal | None:
+    """The principal of a console session cookie that is known, unexpired, of an enabled user."""
+    if not cookie or len(cookie) > MAX_CREDENTIAL:
+        return None
     with state.db.session() as s:
         row = s.execute(
-            select(UserSession, User)
+            select(UserSession.expires_at, UserSession.csrf_token, User.name, User.role)
             .join(User, User.id == UserSession.user_id)
-            .where(UserSession.session_sha256 == digest)
+            .where(UserSession.session_sha256 == sha256_hex(cookie), User.enabled.is_(True))
         ).first()
-        if row is None:
-            return None
-        sess, user = row
-        if not user.enabled or _aware(sess.expires_at) <= utcnow():
-            return None
-        return Principal(user.name, user.role, "session", csrf_token=sess.csrf_token)
+    if row is None or _aware(row.expires_at) <= utcnow():
+        return None
+    return Principal(row.name, row.role, "session", csrf_token=row.csrf_token)
 
 
 async def current_principal(request: Request) -> Principal | None:
-    """Who is asking, or None. Checks CSRF for cookie sessions on unsafe methods."""
+    """Who is asking, or None. Checks CSRF for cookie sessions on unsafe methods (403)."""
+    state = get_state(request)
     auth = request.headers.get("authorization", "")
     if auth[:7].lower() == "bearer ":
-        return _from_bearer(request, auth[7:].strip())
+        return await run_in_threadpool(principal_from_token, state, auth[7:].strip())
     cookie = request.cookies.get(SESSION_COOKIE)
     if not cookie:
         return None
-    principal = _from_cookie(request, cookie)
+    principal = await run_in_threadpool(principal_from_cookie, state, cookie)
     if principal is None or request.method in SAFE_METHODS:
         return principal
     sent = request.headers.get(CSRF_HEADER)
@@ -105,7 +126,7 @@ async def current_principal(request: Request) -> Principal | None:
         ("application/x-www-form-urlencoded", "multipart/form-data")
     ):
         form = await request.form()
-        value = form.get("csrf_token")
+        value = form.get(CSRF_FIELD)
         sent = value if isinstance(value, str) else None
     if not same(sent, principal.csrf_token):
         raise HTTPException(status_code=403, detail="missing or wrong CSRF token")
@@ -116,7 +137,8 @@ def require(role: str) -> Callable[..., Principal]:
     """A dependency: the caller must be logged in (401) with a role that allows ``role`` (403).
 
     Roles: ``viewer`` (read), ``operator`` (retry, re-run, force complete, suspend),
-    ``admin`` (everything), ``service`` (the workers' token: fetch instances, STOW-RS).
+    ``admin`` (everything), ``service`` (the service token, operators and admins: fetch
+    instances, STOW-RS).
     """
 
     def dependency(
@@ -133,6 +155,7 @@ def require(role: str) -> Callable[..., Principal]:
         return principal
 
     dependency.__name__ = f"require_{role}"
+    dependency.required_role = role  # type: ignore[attr-defined]
     return dependency
 
 
