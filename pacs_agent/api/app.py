@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pacs_agent import __version__
 from pacs_agent.db.session import Database
@@ -24,6 +26,26 @@ class AgentState:
     store: InstanceStore
     puller: PullWorker | None
     dimse_running: Any = None  # callable -> bool
+
+
+class RefuseNul:
+    """Answer 400 to a path or query string holding a NUL character (``%00``): no identifier
+    of ours contains one, and PostgreSQL refuses NUL in text, which would surface as a 500."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            raw = scope.get("raw_path") or scope.get("path", "").encode()
+            query = scope.get("query_string", b"")
+            if b"\x00" in scope.get("path", "").encode() or any(
+                b"%00" in part.lower() or b"\x00" in part for part in (raw, query)
+            ):
+                response = JSONResponse({"detail": "NUL character in the request"}, 400)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def create_app(state: AgentState) -> FastAPI:
@@ -45,7 +67,13 @@ def create_app(state: AgentState) -> FastAPI:
     )
     from pacs_agent.http.stow import router as stow_router
 
-    app = FastAPI(title="pacs-agent", version=__version__)
+    app = FastAPI(
+        title="pacs-agent",
+        version=__version__,
+        # Documented once for every route: a request the agent cannot read at all.
+        responses={400: {"description": "the request could not be read (bad body or NUL)"}},
+    )
+    app.add_middleware(RefuseNul)
     app.state.agent = state
     for module in (
         health,
@@ -54,6 +82,7 @@ def create_app(state: AgentState) -> FastAPI:
         instances,
         studies,
         jobs,
+        notifications,
         rules,
         destinations,
         pipelines,

@@ -25,7 +25,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from starlette.concurrency import run_in_threadpool
 
-from pacs_agent.api.deps import require
+from pacs_agent.api.deps import AUTH_RESPONSES, require
 from pacs_agent.dicom_facts import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_DATASET_MISMATCH,
@@ -365,11 +365,29 @@ async def _stow(request: Request, study_uid: str | None) -> Response:
     )
 
 
-@router.post("/dicomweb/studies", dependencies=[Depends(require(SERVICE_ROLE))])
+STOW_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "every instance stored (PS3.18 response dataset, DICOM JSON)"},
+    202: {"description": "some instances stored, some refused (see FailedSOPSequence)"},
+    400: {"description": "the multipart body could not be read"},
+    409: {"description": "no instance stored (see FailedSOPSequence)"},
+    415: {"description": 'not multipart/related; type="application/dicom"'},
+    **AUTH_RESPONSES,
+}
+
+
+@router.post(
+    "/dicomweb/studies",
+    dependencies=[Depends(require(SERVICE_ROLE))],
+    responses=STOW_RESPONSES,
+)
 async def stow_studies(request: Request) -> Response:
     return await _stow(request, None)
 
 
-@router.post("/dicomweb/studies/{study_uid}", dependencies=[Depends(require(SERVICE_ROLE))])
+@router.post(
+    "/dicomweb/studies/{study_uid}",
+    dependencies=[Depends(require(SERVICE_ROLE))],
+    responses=STOW_RESPONSES,
+)
 async def stow_study(study_uid: str, request: Request) -> Response:
     return await _stow(request, study_uid)

@@ -44,7 +44,15 @@ def _replay_guard(request: Request) -> _ReplayGuard:
     return guard  # type: ignore[no-any-return]
 
 
-@router.post("/webhook/orthanc", status_code=202)
+@router.post(
+    "/webhook/orthanc",
+    status_code=202,
+    responses={
+        400: {"description": "body is not JSON with orthanc_study_id"},
+        401: {"description": "missing, wrong, stale or replayed HMAC signature"},
+        503: {"description": "the Orthanc pull is not configured"},
+    },
+)
 async def orthanc_webhook(request: Request) -> dict[str, Any]:
     state = get_state(request)
     body = await request.body()
