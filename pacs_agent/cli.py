@@ -37,10 +37,16 @@ def cmd_serve(_args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_worker(_args: argparse.Namespace) -> int:
+def cmd_worker(args: argparse.Namespace) -> int:
     from workers.celery_app import run_worker  # imports torch: only on worker hosts
 
-    return run_worker(_settings())
+    settings = _settings()
+    updates: dict[str, object] = {}
+    if getattr(args, "lane", None):
+        updates["worker_lane"] = args.lane
+    if getattr(args, "pipelines", None):
+        updates["worker_pipelines"] = [p.strip() for p in args.pipelines.split(",") if p.strip()]
+    return run_worker(settings.model_copy(update=updates) if updates else settings)
 
 
 def cmd_db_upgrade(_args: argparse.Namespace) -> int:
@@ -53,6 +59,24 @@ def cmd_db_upgrade(_args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_users(args: argparse.Namespace) -> int:
+    from pacs_agent import users
+
+    return users.run_command(
+        _settings(),
+        args.users_cmd,
+        getattr(args, "name", None),
+        role=getattr(args, "role", "viewer"),
+        password_stdin=getattr(args, "password_stdin", False),
+    )
+
+
+def cmd_rules(args: argparse.Namespace) -> int:
+    from pacs_agent import rules_cli
+
+    return rules_cli.cmd_rules(args, _settings())
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     # Worker-side commands (they import torch) parse their own arguments.
     from workers import model_cli
@@ -61,6 +85,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.rest[:1] == ["triage"]:
+        from pacs_agent import bench_triage  # agent side: drives a real agent and worker
+
+        return int(bench_triage.main(args.rest[1:]))
     if args.rest[:1] == ["ingest"]:
         import importlib
 
@@ -82,12 +110,50 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", help="agent only (DICOM listener, HTTP, completion)").set_defaults(
         func=cmd_serve
     )
-    sub.add_parser("worker", help="a Celery worker that runs the model pipeline").set_defaults(
-        func=cmd_worker
+    worker = sub.add_parser("worker", help="a Celery worker that runs the model pipelines")
+    worker.add_argument(
+        "--lane",
+        choices=("all", "urgent"),
+        default=None,
+        help="all: every class; urgent: a reserved lane for stat and urgent jobs only "
+        "(default: PACS_AGENT_WORKER_LANE)",
     )
+    worker.add_argument(
+        "--pipelines",
+        default=None,
+        help="comma list of pipelines to serve (default: PACS_AGENT_WORKER_PIPELINES, else all "
+        "whose bundle is on this host)",
+    )
+    worker.set_defaults(func=cmd_worker)
 
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_cmd", required=True)
     db.add_parser("upgrade", help="apply Alembic migrations").set_defaults(func=cmd_db_upgrade)
+
+    rules = sub.add_parser("rules", help="routing rules as YAML").add_subparsers(
+        dest="rules_cmd", required=True
+    )
+    rules.add_parser("export", help="print all rules (and the fallback) as YAML").set_defaults(
+        func=cmd_rules
+    )
+    imp = rules.add_parser("import", help="replace all rules from a YAML file, validated first")
+    imp.add_argument("file", help="the YAML file ('-': standard input)")
+    imp.set_defaults(func=cmd_rules)
+
+    users = sub.add_parser("users", help="console users and API tokens").add_subparsers(
+        dest="users_cmd", required=True
+    )
+    add = users.add_parser("add", help="create a user (password: --password-stdin or a prompt)")
+    add.add_argument("name")
+    add.add_argument("--role", choices=("viewer", "operator", "admin"), default="viewer")
+    add.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    passwd = users.add_parser("passwd", help="set a user's password")
+    passwd.add_argument("name")
+    passwd.add_argument("--password-stdin", action="store_true", help="read it from stdin")
+    token = users.add_parser("token", help="print a new API token (alone on the last line)")
+    token.add_argument("name")
+    users.add_parser("list", help="users, roles and active tokens")
+    for sp in users.choices.values():
+        sp.set_defaults(func=cmd_users)
 
     for name, text in (
         ("models", "model bundles: demo, verify, import, embed (worker side)"),
@@ -96,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=text, add_help=False)
         sp.add_argument("rest", nargs=argparse.REMAINDER)
         sp.set_defaults(func=cmd_models)
-    bench = sub.add_parser("bench", help="benchmarks: ingest, encoder, pipeline", add_help=False)
+    bench = sub.add_parser(
+        "bench", help="benchmarks: ingest, encoder, pipeline, triage", add_help=False
+    )
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
     return p

@@ -87,6 +87,8 @@ class DatasetFacts:
     series_description: str | None = None
     acquisition_number: int | None = None
     images_in_acquisition: int | None = None
+    # Priority class the dataset asks for (Requested Procedure Priority): "stat", "urgent" or None.
+    requested_priority: str | None = None
 
 
 def _uid(ds: Dataset, keyword: str) -> str:
@@ -206,6 +208,31 @@ def _int_or_none(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
+def requested_priority(ds: Dataset) -> str | None:
+    """The most urgent class named by Requested Procedure Priority (0040,1003), at the top level
+    or in any item of the Request Attributes Sequence (0040,0275): STAT -> stat, HIGH -> urgent;
+    other values (ROUTINE, MEDIUM, LOW) or none -> None. Never raises on odd values."""
+    from pacs_agent.scheduling.priority import from_requested_priority, more_urgent
+
+    found: list[str] = []
+    try:
+        values = [ds.get("RequestedProcedurePriority")]
+        for item in ds.get("RequestAttributesSequence") or []:
+            values.append(item.get("RequestedProcedurePriority"))
+    except Exception:  # a malformed element must not refuse the instance
+        return None
+    for v in values:
+        named = from_requested_priority(v) if v not in (None, "") else None
+        if named:
+            found.append(named)
+    if not found:
+        return None
+    best = found[0]
+    for other in found[1:]:
+        best = more_urgent(best, other)
+    return best
+
+
 def examine(ds: Dataset, transfer_syntax: UID, source: Path | None = None) -> DatasetFacts:
     """Check a dataset and say whether it is analysable; raise RejectedDataset if not storable."""
     study_uid = _uid(ds, "StudyInstanceUID")
@@ -245,6 +272,7 @@ def examine(ds: Dataset, transfer_syntax: UID, source: Path | None = None) -> Da
         series_description=(str(ds.get("SeriesDescription", "") or "")[:64] or None),
         acquisition_number=_int_or_none(ds, "AcquisitionNumber"),
         images_in_acquisition=_int_or_none(ds, "ImagesInAcquisition"),
+        requested_priority=requested_priority(ds),
         study_uid=study_uid,
         series_uid=series_uid,
         sop_uid=sop_uid,

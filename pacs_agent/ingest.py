@@ -9,6 +9,7 @@ import datetime as dt
 import hashlib
 import io
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from pacs_agent.dicom_facts import (
     RejectedDataset,
     examine,
 )
+from pacs_agent.scheduling.priority import more_urgent
 from pacs_agent.store import InstanceStore, StoredFile
 
 log = logging.getLogger(__name__)
@@ -97,11 +99,28 @@ def parse_part10_file(path: Path) -> Dataset:
     return ds
 
 
+@dataclass(frozen=True)
+class Peer:
+    """Where a DIMSE association came from: the AE title it called and the sender's IP address
+    (routing-rule variables ``called_ae`` and ``sender_address``)."""
+
+    called_ae: str | None = None
+    address: str | None = None
+
+
 class Ingestor:
-    def __init__(self, db: Database, store: InstanceStore, min_free_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        db: Database,
+        store: InstanceStore,
+        min_free_bytes: int = 0,
+        stat_calling_aes: Collection[str] = (),
+    ) -> None:
         self.db = db
         self.store = store
         self.min_free_bytes = min_free_bytes
+        # Calling AEs whose studies are stat (e.g. the emergency department's modalities).
+        self.stat_calling_aes = frozenset(stat_calling_aes)
 
     def ingest(
         self,
@@ -112,11 +131,14 @@ class Ingestor:
         source: str,
         calling_ae: str | None = None,
         orthanc_id: str | None = None,
+        peer: Peer | None = None,
     ) -> IngestOutcome:
         facts = examine(ds, transfer_syntax)
         self._check_space(len(data))
         stored = self.store.write(facts.study_uid, facts.series_uid, facts.sop_uid, data)
-        return self._recorded(facts, stored, transfer_syntax, source, calling_ae, orthanc_id)
+        return self._recorded(
+            facts, stored, transfer_syntax, source, calling_ae, orthanc_id, peer=peer
+        )
 
     def ingest_file(
         self,
@@ -125,13 +147,14 @@ class Ingestor:
         *,
         source: str,
         calling_ae: str | None = None,
+        peer: Peer | None = None,
     ) -> IngestOutcome:
         """Ingest a dataset that arrived as a file (C-STORE streamed to disk)."""
         ds = parse_part10_file(path)
         facts = examine(ds, transfer_syntax, source=path)
         self._check_space(path.stat().st_size)
         stored = self.store.write_file(facts.study_uid, facts.series_uid, facts.sop_uid, path)
-        return self._recorded(facts, stored, transfer_syntax, source, calling_ae, None)
+        return self._recorded(facts, stored, transfer_syntax, source, calling_ae, None, peer=peer)
 
     def _check_space(self, size: int) -> None:
         if self.min_free_bytes and self.store.free_bytes() - size < self.min_free_bytes:
@@ -145,9 +168,10 @@ class Ingestor:
         source: str,
         calling_ae: str | None,
         orthanc_id: str | None,
+        peer: Peer | None = None,
     ) -> IngestOutcome:
         study_id = self._record_retrying(
-            facts, stored, transfer_syntax, source, calling_ae, orthanc_id
+            facts, stored, transfer_syntax, source, calling_ae, orthanc_id, peer
         )
         log.info(
             "stored sop=%s study=%s via %s (%s)",
@@ -166,10 +190,13 @@ class Ingestor:
         source: str,
         calling_ae: str | None,
         orthanc_id: str | None,
+        peer: Peer | None = None,
     ) -> int:
         for attempt in range(3):
             try:
-                return self._record(facts, stored, transfer_syntax, source, calling_ae, orthanc_id)
+                return self._record(
+                    facts, stored, transfer_syntax, source, calling_ae, orthanc_id, peer
+                )
             except IntegrityError:
                 # Another association created the same study or series at the same moment.
                 if attempt == 2:
@@ -192,6 +219,7 @@ class Ingestor:
         source: str,
         calling_ae: str | None,
         orthanc_id: str | None,
+        peer: Peer | None = None,
     ) -> int:
         now = utcnow()
         with self.db.session() as s:
@@ -205,6 +233,8 @@ class Ingestor:
                     status=StudyStatus.RECEIVING.value,
                     source=source,
                     calling_ae=calling_ae,
+                    called_ae=peer.called_ae if peer else None,
+                    sender_address=peer.address if peer else None,
                     orthanc_id=orthanc_id,
                     first_received_at=now,
                     last_received_at=now,
@@ -279,6 +309,11 @@ class Ingestor:
                 )
             )
             study.last_received_at = now
+            incoming = facts.requested_priority
+            if calling_ae and calling_ae in self.stat_calling_aes:
+                incoming = "stat"
+            if incoming is not None:  # keep the most urgent class the study was sent with
+                study.incoming_priority = more_urgent(study.incoming_priority, incoming)
             if orthanc_id:
                 study.orthanc_id = orthanc_id
             return study.id

@@ -7,17 +7,21 @@ from __future__ import annotations
 
 from celery import Celery
 
+from pacs_agent.scheduling.pipelines import QUEUE_PREFIX, queue_name
 from pacs_agent.settings import Settings
 
 TASK_PROCESS_JOB = "workers.process_job"
 TASK_DELIVER_JOB = "workers.deliver_job"
-INFERENCE_QUEUE = "inference"
+# Every queue name starts with this: pipeline.<name> and pipeline.<name>.urgent
+# (pacs_agent.scheduling.pipelines).
+INFERENCE_QUEUE = QUEUE_PREFIX
 
 
 def make_celery(settings: Settings) -> Celery:
     app = Celery("pacs_agent", broker=settings.resolved_broker_url)
     app.conf.update(
-        task_default_queue=INFERENCE_QUEUE,
+        task_default_queue=queue_name(settings.default_pipeline),
+        pacs_default_pipeline=settings.default_pipeline,
         task_acks_late=True,  # a job killed mid-way is redelivered; outputs have fixed UIDs
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
@@ -44,12 +48,22 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-def enqueue_job(app: Celery, job_id: int, priority: int, task: str = TASK_PROCESS_JOB) -> str:
-    """Send a job by name. Raises (kombu/redis errors) when the broker is unreachable."""
+def enqueue_job(
+    app: Celery,
+    job_id: int,
+    priority: int,
+    task: str = TASK_PROCESS_JOB,
+    pipeline: str | None = None,
+) -> str:
+    """Send a job's wake-up message by name to its pipeline's queue (the urgent one for stat
+    and urgent jobs) with the job's broker priority (0 first). The worker that takes it claims
+    the most urgent queued job of that pipeline from the database. Raises (kombu/redis errors)
+    when the broker is unreachable."""
+    name = pipeline or str(app.conf.get("pacs_default_pipeline") or "chest")
     result = app.send_task(
         task,
         args=[job_id],
-        queue=INFERENCE_QUEUE,
+        queue=queue_name(name, priority),
         priority=priority,
         retry=False,
     )

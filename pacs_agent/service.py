@@ -12,21 +12,26 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import uvicorn
 from pynetdicom.transport import ThreadedAssociationServer
-from sqlalchemy import text
+from sqlalchemy import select, text
 
+from pacs_agent import users
+from pacs_agent.api.app import AgentState, create_app
 from pacs_agent.broker import EmbeddedBroker
 from pacs_agent.completion import CompletionLoop
 from pacs_agent.db import migrate
+from pacs_agent.db.models import Pipeline
 from pacs_agent.db.session import Database
 from pacs_agent.dimse.scp import start_scp
-from pacs_agent.api.app import AgentState, create_app
+from pacs_agent.dispatching.notify import NotificationLoop
 from pacs_agent.ingest import Ingestor
 from pacs_agent.pull import PullWorker
 from pacs_agent.queue import make_celery
 from pacs_agent.repair import purge_expired, repair_store
+from pacs_agent.scheduling.pipelines import seed_default_pipeline
 from pacs_agent.settings import Settings
 from pacs_agent.store import InstanceStore
 
@@ -59,7 +64,10 @@ class Agent:
         check_schema(self.db)
         self.store = InstanceStore(settings.instance_dir)
         self.ingestor = Ingestor(
-            self.db, self.store, min_free_bytes=settings.min_free_disk_mb * 1024 * 1024
+            self.db,
+            self.store,
+            min_free_bytes=settings.min_free_disk_mb * 1024 * 1024,
+            stat_calling_aes=settings.stat_calling_aes,
         )
         self.celery = make_celery(settings)
         self.completion = CompletionLoop(
@@ -73,8 +81,12 @@ class Agent:
             quiet_period_by_ae=settings.quiet_period_by_ae,
             complete_on_release_aes=settings.complete_on_release_aes,
             housekeeping=lambda: purge_expired(self.db, self.store, settings.retention_days),
+            offpeak_window=settings.offpeak_window,
+            store=self.store,
+            default_pipeline=settings.default_pipeline,
         )
         self.puller = PullWorker(settings, self.db, self.ingestor)
+        self.notifier = NotificationLoop(settings, self.db, self.store)
         self.scp: ThreadedAssociationServer | None = None
         self.http: uvicorn.Server | None = None
         self._http_thread: threading.Thread | None = None
@@ -82,6 +94,8 @@ class Agent:
     def start(self) -> None:
         # Before the listener opens: index files a crash left without rows, mark lost files.
         repair_store(self.db, self.store, self.ingestor)
+        with self.db.session() as s:  # an empty pipelines table: the default pipeline
+            seed_default_pipeline(s, self.settings)
         self.puller.start()
         self.scp = start_scp(
             self.settings, self.ingestor, on_release=self.completion.association_released
@@ -108,6 +122,7 @@ class Agent:
         self._http_thread = threading.Thread(target=self.http.run, name="http", daemon=True)
         self._http_thread.start()
         self.completion.start()
+        self.notifier.start()
         log.info(
             "agent ready: AE %s port %d, HTTP port %d, data %s",
             self.settings.ae_title,
@@ -118,6 +133,7 @@ class Agent:
 
     def stop(self) -> None:
         self.completion.stop()
+        self.notifier.stop()
         if self.scp is not None:
             self.scp.shutdown()
         if self.http is not None:
@@ -150,12 +166,46 @@ def serve(settings: Settings) -> None:
         agent.stop()
 
 
+def _demo_pipelines(settings: Settings) -> dict[str, tuple[Path, str, int]]:
+    """The DEMO pipelines of `pacs-agent run`: ``chest`` (the default pipeline, in the configured
+    bundle folder) and ``multi-anatomy``; none when a bundle of one's own is configured."""
+    if settings.bundle is not None:
+        return {}
+    return {
+        settings.default_pipeline: (settings.resolved_bundle, "chest", 0),
+        "multi-anatomy": (
+            settings.resolved_data_dir / "bundles" / "multi-anatomy",
+            "multi-anatomy",
+            1,
+        ),
+    }
+
+
+def _seed_demo_pipelines(settings: Settings, demos: dict[str, tuple[Path, str, int]]) -> None:
+    db = Database(settings.resolved_database_url)
+    try:
+        with db.session() as s:
+            if demos and s.scalar(select(Pipeline.id).limit(1)) is None:
+                for name, (folder, kind, _seed) in demos.items():
+                    s.add(
+                        Pipeline(
+                            name=name,
+                            bundle=str(folder),
+                            description=f"DEMO {kind} bundle (random weights)",
+                        )
+                    )
+    finally:
+        db.dispose()
+
+
 def run_all_in_one(settings: Settings) -> None:
     """Embedded defaults: migrate, embedded broker, demo bundle, agent, and a worker subprocess."""
     data_dir = settings.resolved_data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     migrate.upgrade(settings.resolved_database_url)
     updates: dict[str, object] = {}
+    # A fresh data folder: the first admin (password printed once); the worker's service token.
+    updates["api_token"] = users.first_start(settings, sys.stdout)
     if settings.output_dir is None:
         updates["output_dir"] = data_dir / "output"
     broker = None
@@ -170,11 +220,15 @@ def run_all_in_one(settings: Settings) -> None:
         PACS_AGENT_DATA_DIR=str(data_dir),
         PACS_AGENT_AGENT_URL=settings.resolved_agent_url,
         PACS_AGENT_BUNDLE=str(settings.resolved_bundle),
+        PACS_AGENT_API_TOKEN=settings.api_token or "",
     )
-    if not (settings.resolved_bundle / "manifest.json").is_file():
-        if settings.bundle is not None:
-            raise SystemExit(f"model bundle not found: {settings.resolved_bundle}")
-        log.info("writing the demo bundle (seeded random weights) to %s", settings.resolved_bundle)
+    if settings.bundle is not None and not (settings.resolved_bundle / "manifest.json").is_file():
+        raise SystemExit(f"model bundle not found: {settings.resolved_bundle}")
+    demos = _demo_pipelines(settings)
+    for name, (folder, kind, seed) in demos.items():
+        if (folder / "manifest.json").is_file():
+            continue
+        log.info("writing the %s DEMO bundle (seeded random weights) to %s", name, folder)
         subprocess.run(
             [
                 sys.executable,
@@ -183,11 +237,16 @@ def run_all_in_one(settings: Settings) -> None:
                 "models",
                 "demo",
                 "--out",
-                str(settings.resolved_bundle),
+                str(folder),
+                "--kind",
+                kind,
+                "--seed",
+                str(seed),
             ],
             check=True,
             env=env,
         )
+    _seed_demo_pipelines(settings, demos)
     agent = Agent(settings)
     agent.start()
     worker = subprocess.Popen([sys.executable, "-m", "pacs_agent.cli", "worker"], env=env)

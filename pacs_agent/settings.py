@@ -104,6 +104,9 @@ class Settings(BaseSettings):
     # The worker's lane: "all" serves every class; "urgent" is a reserved lane for stat and
     # urgent jobs only, so they never wait behind a batch of routine work.
     worker_lane: Literal["all", "urgent"] = "all"
+    # Comma list: the pipelines this worker may serve (empty: every enabled pipeline whose
+    # bundle folder is on this host).
+    worker_pipelines: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # Triage notifications: channel URLs used when no rule names any (webhook+http(s)://,
     # mllp://host:port, orthanc+http://host:port), the levels that notify, the HMAC secret of
@@ -184,6 +187,7 @@ class Settings(BaseSettings):
         "complete_on_release_aes",
         "stat_calling_aes",
         "notify_levels",
+        "worker_pipelines",
         mode="before",
     )
     @classmethod
@@ -213,6 +217,12 @@ class Settings(BaseSettings):
         if self.environment == "production" and self.webhook_secret == DEV_WEBHOOK_SECRET:
             raise ValueError(
                 "PACS_AGENT_WEBHOOK_SECRET must be set to a secret of your own in production"
+            )
+        # Workers fetch instances with the service token; without one every job would fail 401.
+        if self.environment == "production" and len(self.api_token or "") < 16:
+            raise ValueError(
+                "PACS_AGENT_API_TOKEN (the service token of workers and scripts, at least 16 "
+                "characters) must be set in production"
             )
         return self
 

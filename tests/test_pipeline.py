@@ -14,12 +14,12 @@ from sqlalchemy import select, update
 from pacs_agent.db.models import Event, Job, Study
 from pacs_agent.db.session import Database
 from tests.conftest import sample_path
+from workers.models.bundle import TriagePolicy
 from workers.pipeline import (
     ClaimedJob,
-    _claim,
-    _claim_more,
     _Prepared,
     _quality_control,
+    claim_jobs,
     triage_level,
 )
 from workers.results import Finding, ImageResult
@@ -65,12 +65,19 @@ def test_triage_levels() -> None:
     def f(label: str, p: float) -> Finding:
         return Finding(label, p, 0.5, "1.2")
 
-    assert triage_level([_result("a", ("PA", 1), ("CHEST", 1), [f("Nodule", 0.1)])]) == "routine"
-    assert triage_level([_result("a", ("PA", 1), ("CHEST", 1), [f("Nodule", 0.9)])]) == "urgent"
-    assert (
-        triage_level([_result("a", ("PA", 1), ("CHEST", 1), [f("Pneumothorax", 0.7)])])
-        == "critical"
+    def level(label: str, p: float, policy: TriagePolicy | None = None) -> str:
+        return triage_level([_result("a", ("PA", 1), ("CHEST", 1), [f(label, p)])], policy)
+
+    # No policy: a present finding is urgent, nothing is critical.
+    assert level("Nodule", 0.1) == "routine"
+    assert level("Nodule", 0.9) == "urgent"
+    assert level("Pneumothorax", 0.7) == "urgent"
+    policy = TriagePolicy.from_manifest(
+        {"labels": {"pneumothorax": {"urgent": 0.3, "critical": 0.5}}}
     )
+    assert level("Pneumothorax", 0.7, policy) == "critical"
+    assert level("Pneumothorax", 0.4, policy) == "urgent"
+    assert level("Nodule", 0.99, policy) == "routine"  # not in the policy, no default
 
 
 def test_claims_respect_leases_and_batch_queued_jobs(tmp_path: Path, database_url: str) -> None:
@@ -79,28 +86,30 @@ def test_claims_respect_leases_and_batch_queued_jobs(tmp_path: Path, database_ur
         study = Study(study_instance_uid="1.2.3")
         s.add(study)
         s.flush()
-        jobs = [Job(study_id=study.id, pipeline=f"p{i}", status="queued") for i in range(4)]
+        jobs = [
+            Job(study_id=study.id, pipeline="chest", study_version=i + 1, status="queued")
+            for i in range(4)
+        ]
         s.add_all(jobs)
         s.flush()
         ids = [j.id for j in jobs]
     lease = dt.timedelta(seconds=60)
-    first = _claim(db, ids[0], lease)
-    assert first is not None
-    more = _claim_more(db, ids[0], 2)
-    assert len(more) == 2  # batched with the first
-    # Their own messages arrive while the lease holds: nothing to do.
-    assert _claim(db, more[0].job_id, lease) is None
-    # A lease that ran out (the worker died): the next delivery of the message takes it over.
+    first = claim_jobs(db, "chest", lease=lease, batch_size=3)
+    assert [c.job_id for c in first] == ids[:3]  # the oldest routine job and two of its class
+    # Their own messages arrive while the lease holds: they take the last queued job, then none.
+    assert [c.job_id for c in claim_jobs(db, "chest", lease=lease, batch_size=3)] == [ids[3]]
+    assert claim_jobs(db, "chest", lease=lease, batch_size=3) == []
+    # A lease that ran out (the worker died): the next message takes it over.
     with db.session() as s:
         s.execute(
             update(Job)
-            .where(Job.id == more[1].job_id)
+            .where(Job.id == ids[1])
             .values(started_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=120))
         )
-    again = _claim(db, more[1].job_id, lease)
-    assert again is not None
+    again = claim_jobs(db, "chest", lease=lease, batch_size=3)
+    assert [c.job_id for c in again] == [ids[1]]
     with db.session() as s:
         attempts = {j.id: j.attempts for j in s.scalars(select(Job))}
         assert s.scalars(select(Event).where(Event.kind == "job.running")).first() is not None
-    assert attempts[more[1].job_id] == 2 and attempts[ids[3]] == 0
+    assert attempts[ids[1]] == 2 and attempts[ids[3]] == 1
     db.dispose()

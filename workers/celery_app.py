@@ -1,12 +1,17 @@
-"""The worker's Celery app: the agent's configuration plus the task code."""
+"""The worker's Celery app: the agent's configuration plus the task code, the queues of the
+pipelines this host serves, and the worker's heartbeat."""
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
+from typing import Any
 
 from celery import Celery
 
-from pacs_agent.queue import INFERENCE_QUEUE, TASK_DELIVER_JOB, TASK_PROCESS_JOB, make_celery
+from pacs_agent.db.models import utcnow
+from pacs_agent.queue import TASK_DELIVER_JOB, TASK_PROCESS_JOB, make_celery
 from pacs_agent.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -14,10 +19,12 @@ log = logging.getLogger(__name__)
 settings = Settings()
 app: Celery = make_celery(settings)
 
+HEARTBEAT_S = 10.0
+
 
 @app.task(name=TASK_PROCESS_JOB, bind=True, acks_late=True)
 def process_job(self: object, job_id: int) -> str:
-    """Thin task: load the job by id and run the pipeline; outputs have deterministic UIDs."""
+    """Thin task: a wake-up for the job's pipeline; the worker claims its most urgent job."""
     from workers.pipeline import get_context, process
 
     return process(get_context(settings), job_id)
@@ -31,18 +38,124 @@ def deliver_job(self: object, job_id: int) -> str:
     return deliver(get_context(settings), job_id)
 
 
+def bundle_summaries(bundles: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """What the heartbeat says about each pipeline's bundle, from its manifest (no weights)."""
+    from workers.models.bundle import BundleError, read_manifest
+
+    out: dict[str, dict[str, Any]] = {}
+    for name, folder in bundles.items():
+        try:
+            _root, manifest, checksum = read_manifest(folder)
+        except BundleError as exc:
+            out[name] = {"error": str(exc)}
+            continue
+        out[name] = {
+            "name": str(manifest.get("name", "")),
+            "version": str(manifest.get("version", "")),
+            "checksum": checksum,
+            "is_demo": bool(manifest.get("random_weights", False)),
+        }
+    return out
+
+
+class Heartbeat:
+    """Writes this worker's row in the ``workers`` table every few seconds (a thread)."""
+
+    def __init__(
+        self, s: Settings, name: str, bundles: dict[str, Any], every_s: float = HEARTBEAT_S
+    ) -> None:
+        from pacs_agent.db.session import Database
+
+        self.db = Database(s.resolved_database_url)
+        self.name = name
+        self.lane = s.worker_lane
+        self.bundles = bundles
+        self.summaries = bundle_summaries(bundles)
+        self.every_s = every_s
+        self.started_at = utcnow()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def beat_once(self) -> None:
+        from pacs_agent.scheduling.pipelines import beat
+
+        with self.db.session() as s:
+            beat(
+                s,
+                self.name,
+                pipelines=sorted(self.bundles),
+                bundles=self.summaries,
+                lane=self.lane,
+                started_at=self.started_at,
+            )
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.beat_once()
+            except Exception:
+                log.exception("worker heartbeat failed; retrying")
+            self._stop.wait(self.every_s)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.db.dispose()
+
+
+def served_bundles(s: Settings) -> dict[str, Any]:
+    """The pipelines this host serves: enabled rows whose bundle folder is here."""
+    from pacs_agent.db.session import Database
+    from pacs_agent.scheduling.pipelines import pipelines_on_host
+
+    db = Database(s.resolved_database_url)
+    try:
+        with db.session() as session:
+            return dict(pipelines_on_host(session, s))
+    finally:
+        db.dispose()
+
+
 def run_worker(s: Settings) -> int:
-    # One process, one model on one device; Celery's solo pool keeps the model in this process.
+    global settings
+    from pacs_agent.scheduling.pipelines import worker_queues
+    from workers.pipeline import get_context
+
+    settings = s  # the tasks run in this process (solo pool): they use these settings
+    bundles = served_bundles(s)
+    if not bundles:
+        log.error("no pipeline has a bundle on this host: nothing to serve")
+        return 2
+    ctx = get_context(s)
+    ctx.bundles.update(bundles)
+    queues = worker_queues(sorted(bundles), s.worker_lane)
+    name = ctx.name
+    log.info(
+        "worker %s, lane %s, serves %s (queues %s)",
+        name,
+        s.worker_lane,
+        ", ".join(sorted(bundles)),
+        ", ".join(queues),
+    )
+    heartbeat = Heartbeat(s, name, bundles)
+    heartbeat.start()
+    # One process, one device; Celery's solo pool keeps the models in this process.
     argv = [
         "worker",
         "--loglevel=INFO",
-        f"--queues={INFERENCE_QUEUE}",
+        f"--queues={','.join(queues)}",
         "--pool=solo",
         "--concurrency=1",
         "--without-gossip",
         "--without-mingle",
         "--without-heartbeat",
-        f"--hostname=worker-{s.ae_title.lower()}@%h",
+        f"--hostname=worker-{s.ae_title.lower()}-{os.getpid()}@%h",
     ]
-    app.worker_main(argv)
+    try:
+        app.worker_main(argv)
+    finally:
+        heartbeat.stop()
     return 0

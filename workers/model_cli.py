@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = models.add_parser("demo", help="write a DEMO bundle with seeded random weights")
     demo.add_argument("--out", type=Path, default=None, help="bundle folder (default: settings)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--kind", choices=("chest", "multi-anatomy"), default="chest")
     verify = models.add_parser("verify", help="check a bundle's files and checksums")
     verify.add_argument("bundle", type=Path)
 
@@ -180,7 +181,7 @@ def _models_demo(args: argparse.Namespace) -> int:
     from workers.models.bundle import write_demo_bundle
 
     out = args.out or Settings().resolved_bundle
-    write_demo_bundle(out, seed=args.seed)
+    write_demo_bundle(out, seed=args.seed, kind=args.kind)
     print(f"DEMO bundle (seeded random weights, not for clinical use) written to {out}")
     return 0
 

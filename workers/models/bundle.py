@@ -88,6 +88,27 @@ ENCODER_FORMAT = "hf-dinov2"
 ORIGINAL_FORMAT = "dinov2-original"
 ENCODER_FORMATS = (ENCODER_FORMAT, ORIGINAL_FORMAT)
 DEMO_LABELS = ["Cardiomegaly", "Pleural effusion", "Pneumothorax", "Consolidation", "Nodule"]
+# The multi-anatomy DEMO pipeline (any body part): as many labels as the chest demo.
+DEMO_MULTI_LABELS = ["Fracture", "Dislocation", "Foreign body", "Pneumothorax", "Free air"]
+# Triage policies written into the DEMO bundles (the format is TriagePolicy's).
+DEMO_TRIAGE_POLICY: dict[str, Any] = {
+    "labels": {
+        "Pneumothorax": {"urgent": 0.3, "critical": 0.6},
+        "Pleural effusion": {"urgent": 0.5, "critical": 0.85},
+        "Consolidation": {"urgent": 0.6},
+        "Cardiomegaly": {"urgent": 0.75},
+        "Nodule": {"urgent": 0.8},
+    }
+}
+DEMO_MULTI_TRIAGE_POLICY: dict[str, Any] = {
+    "labels": {
+        "Pneumothorax": {"urgent": 0.3, "critical": 0.6},
+        "Free air": {"urgent": 0.3, "critical": 0.6},
+        "Foreign body": {"urgent": 0.5},
+        "Fracture": {"urgent": 0.6},
+        "Dislocation": {"urgent": 0.6},
+    }
+}
 DEMO_SEG_CLASSES = ["Lung field"]
 # RAD-DINO's published normalisation (grey X-rays replicated to 3 channels).
 DEMO_MEAN = (0.5307, 0.5307, 0.5307)
@@ -105,6 +126,82 @@ class QCHead:
     task: str  # "view" or "body_part"
     head: ClassificationHead
     labels: list[str]
+
+
+@dataclass(frozen=True)
+class TriagePolicy:
+    """How a bundle's findings become the study's triage level (routine / urgent / critical).
+
+    In ``manifest.json`` as ``"triage_policy"``::
+
+        {"labels": {"Pneumothorax": {"urgent": 0.3, "critical": 0.5}},
+         "default": {"urgent": 0.7}}
+
+    A finding whose probability reaches its label's ``critical`` threshold makes the study
+    critical, one that reaches ``urgent`` makes it at least urgent. Labels match without regard
+    to case; a label absent from ``labels`` uses ``default``; with no default it never raises the
+    level. A bundle without a policy: a present finding (the classifier's own threshold) is
+    urgent, nothing is critical.
+    """
+
+    labels: dict[str, dict[str, float]] = field(default_factory=dict)
+    default: dict[str, float] | None = None
+
+    @classmethod
+    def from_manifest(cls, raw: Any) -> TriagePolicy | None:
+        if raw is None:
+            return None
+        where = "triage_policy"
+        if not isinstance(raw, dict):
+            raise BundleError(f"{MANIFEST}: {where} must be an object")
+        unknown = sorted(set(raw) - {"labels", "default"})
+        if unknown:
+            raise BundleError(f"{MANIFEST}: {where}: unknown keys {unknown}")
+
+        def levels(v: Any, at: str) -> dict[str, float]:
+            if not isinstance(v, dict) or not v:
+                raise BundleError(f"{MANIFEST}: {at} must be an object with urgent/critical")
+            out: dict[str, float] = {}
+            for k, x in v.items():
+                if k not in ("urgent", "critical"):
+                    raise BundleError(f"{MANIFEST}: {at}: unknown level {k!r}")
+                if isinstance(x, bool) or not isinstance(x, int | float) or not 0 <= x <= 1:
+                    raise BundleError(f"{MANIFEST}: {at}.{k} must be a probability in 0..1")
+                out[k] = float(x)
+            return out
+
+        labels_raw = raw.get("labels") or {}
+        if not isinstance(labels_raw, dict):
+            raise BundleError(f"{MANIFEST}: {where}.labels must be an object")
+        labels = {str(k).lower(): levels(v, f"{where}.labels.{k}") for k, v in labels_raw.items()}
+        default = raw.get("default")
+        return cls(labels, levels(default, f"{where}.default") if default is not None else None)
+
+    def level_of(self, label: str, probability: float) -> str:
+        spec = self.labels.get(label.lower(), self.default)
+        if not spec:
+            return "routine"
+        if "critical" in spec and probability >= spec["critical"]:
+            return "critical"
+        if "urgent" in spec and probability >= spec["urgent"]:
+            return "urgent"
+        return "routine"
+
+
+_LEVEL_ORDER = {"routine": 0, "urgent": 1, "critical": 2}
+
+
+def triage_level(findings: list[tuple[str, float, bool]], policy: TriagePolicy | None) -> str:
+    """The study's triage level from its findings ``(label, probability, present)``."""
+    level = "routine"
+    for label, p, present in findings:
+        if policy is None:
+            this = "urgent" if present else "routine"
+        else:
+            this = policy.level_of(label, p)
+        if _LEVEL_ORDER[this] > _LEVEL_ORDER[level]:
+            level = this
+    return level
 
 
 @dataclass
@@ -126,6 +223,7 @@ class Bundle:
     qc_heads: dict[str, QCHead] = field(default_factory=dict)
     encoder_format: str = ENCODER_FORMAT
     manifest: dict[str, Any] = field(default_factory=dict)
+    triage_policy: TriagePolicy | None = None
 
     @property
     def encoder_fingerprint(self) -> str:
@@ -299,6 +397,7 @@ def load_bundle(path: str | os.PathLike[str]) -> Bundle:
 
     is_demo = bool(manifest.get("random_weights", False))
     intended = manifest.get("intended") or {}
+    triage_policy = TriagePolicy.from_manifest(manifest.get("triage_policy"))
     log.info(
         "bundle %s %s verified (manifest sha256 %s)%s",
         name,
@@ -324,6 +423,7 @@ def load_bundle(path: str | os.PathLike[str]) -> Bundle:
         qc_heads=qc_heads,
         encoder_format=str(fmt),
         manifest=manifest,
+        triage_policy=triage_policy,
     )
 
 
@@ -441,7 +541,11 @@ def write_manifest(root: Path, manifest: dict[str, Any]) -> Path:
 
 
 def write_demo_bundle(
-    path: str | os.PathLike[str], seed: int = 0, *, config: ViTConfig | None = None
+    path: str | os.PathLike[str],
+    seed: int = 0,
+    *,
+    config: ViTConfig | None = None,
+    kind: str = "chest",
 ) -> Path:
     """Write a DEMO bundle with seeded random weights (ViT-S/14 at 224 px, or `config` at its
     native size: tests use tiny encoders) to `path`.
@@ -450,8 +554,13 @@ def write_demo_bundle(
     outputs on a few seeded synthetic images, so that probabilities spread around the thresholds
     and masks are neither empty nor full: the outputs exercise every downstream path but mean
     nothing. The quality-control heads are near-uniform (no class above 0.5), so they never
-    refuse an image. Returns the bundle folder.
+    refuse an image. ``kind`` "multi-anatomy" writes the second demo pipeline (other labels,
+    any body part). Both carry a triage policy. Returns the bundle folder.
     """
+    if kind not in ("chest", "multi-anatomy"):
+        raise ValueError(f"unknown demo bundle kind {kind!r}")
+    multi = kind == "multi-anatomy"
+    labels = DEMO_MULTI_LABELS if multi else DEMO_LABELS
     root = Path(path)
     (root / "adapters").mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
@@ -477,7 +586,7 @@ def write_demo_bundle(
     enc_files = save_hf_layout(encoder, cfg, root / "encoder", pre)
     adapters: dict[str, Any] = {
         "classifier": save_adapter(
-            classifier, root, "classifier", labels=DEMO_LABELS, thresholds=[0.5] * len(DEMO_LABELS)
+            classifier, root, "classifier", labels=labels, thresholds=[0.5] * len(labels)
         ),
         "segmenter": save_adapter(segmenter, root, "segmenter", classes=DEMO_SEG_CLASSES),
     }
@@ -485,7 +594,7 @@ def write_demo_bundle(
         adapters[task] = save_adapter(head, root, task, labels=QC_LABELS[task])
 
     manifest = {
-        "name": "pacs-agent chest demo - DEMO (random weights)",
+        "name": f"pacs-agent {kind} demo - DEMO (random weights)",
         "version": "0.1.0-demo",
         "description": "Seeded random weights for testing the plumbing. Not for clinical use: "
         "its outputs mean nothing.",
@@ -498,7 +607,8 @@ def write_demo_bundle(
         "preprocessing": pre.to_dict(),
         "random_weights": True,
         "seed": seed,
-        "intended": {"anatomy": "chest", "views": ["PA", "AP"]},
+        "intended": {} if multi else {"anatomy": "chest", "views": ["PA", "AP"]},
+        "triage_policy": DEMO_MULTI_TRIAGE_POLICY if multi else DEMO_TRIAGE_POLICY,
     }
     write_manifest(root, manifest)
     log.info("DEMO bundle (random weights, seed %d) written to %s", seed, root)
