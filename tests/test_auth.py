@@ -404,8 +404,8 @@ def test_nul_characters_are_refused_not_a_server_error(api: Api) -> None:
     c = api.client
     for field in ("actor", "action", "target", "target_type"):
         r = c.get("/api/audit", params={field: "a\x00b"}, headers=admin)
-        assert r.status_code == 422, (field, r.text)
-    assert c.get("/api/users/a%00b", headers=admin).status_code == 422
+        assert r.status_code == 400, (field, r.text)  # refused by the app's NUL guard
+    assert c.get("/api/users/a%00b", headers=admin).status_code == 400
     r = c.post("/api/users", json={"name": "a\x00b", "role": "viewer"}, headers=admin)
     assert r.status_code == 422
     r = c.post("/api/auth/login", json={"name": "root\x00", "password": PASSWORD})
