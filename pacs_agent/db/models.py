@@ -130,6 +130,7 @@ class Instance(Base):
     # Images in Acquisition (0020,1002) and Acquisition Number: an expected-count completion.
     acquisition_number: Mapped[int | None] = mapped_column(Integer)
     images_in_acquisition: Mapped[int | None] = mapped_column(Integer)
+    number_of_frames: Mapped[int | None] = mapped_column(Integer)  # None: single frame
 
     series: Mapped[Series] = relationship(back_populates="instances")
 
@@ -232,6 +233,10 @@ class Job(Base):
     enqueued_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # The lease of a running job: the worker holding it and its last heartbeat. A running job
+    # whose heartbeat is older than the heartbeat timeout lost its worker and may be taken back.
+    worker: Mapped[str | None] = mapped_column(String(128))
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), index=True)
 
     study: Mapped[Study] = relationship(back_populates="jobs")
     results: Mapped[list[Result]] = relationship(back_populates="job")
@@ -247,6 +252,8 @@ class Result(Base):
     series_instance_uid: Mapped[str] = mapped_column(UID)
     sop_class_uid: Mapped[str] = mapped_column(UID)
     source_sop_instance_uid: Mapped[str | None] = mapped_column(UID)
+    # The frame of a multi-frame source the output was made from (1-based); None: single frame.
+    source_frame: Mapped[int | None] = mapped_column(Integer)
     path: Mapped[str] = mapped_column(Text)
     summary: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -381,3 +388,46 @@ class AgentFlag(Base):
     value: Mapped[Any] = mapped_column(JSON)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_by: Mapped[str | None] = mapped_column(String(64))
+
+
+class PullStatus(enum.StrEnum):
+    PENDING = "pending"  # persisted; the agent's loop pulls it (again after a backoff)
+    RUNNING = "running"  # an agent holds it until lease_until
+    DONE = "done"
+    FAILED = "failed"  # gave up after the last attempt; shown with its reason
+
+
+class PullRequestRow(Base):
+    """A study Orthanc said is stable, persisted before the webhook answers 202 and pulled from
+    the agent's loop with backoff, so an agent restart loses nothing."""
+
+    __tablename__ = "pull_requests"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    orthanc_study_id: Mapped[str] = mapped_column(String(64), index=True)
+    study_instance_uid: Mapped[str | None] = mapped_column(UID, index=True)
+    status: Mapped[str] = mapped_column(String(16), default=PullStatus.PENDING.value, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    next_attempt_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    lease_until: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Refusal(Base):
+    """An instance a door refused (C-STORE failure status, STOW-RS failed SOP, pull refusal):
+    what an admin sees instead of a log line. UIDs and reasons only, never patient data."""
+
+    __tablename__ = "refusals"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    door: Mapped[str] = mapped_column(String(16))  # dimse | stow | orthanc
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    sender_address: Mapped[str | None] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str | None] = mapped_column(UID)  # None when unreadable
+    sop_class_uid: Mapped[str | None] = mapped_column(UID)
+    study_instance_uid: Mapped[str | None] = mapped_column(UID)
+    status: Mapped[int] = mapped_column(Integer)  # the DIMSE status (e.g. 0xA900, 0xC000)
+    reason: Mapped[str] = mapped_column(Text)
