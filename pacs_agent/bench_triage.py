@@ -60,7 +60,7 @@ def small_radiograph(
     import numpy as np
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-    from pacs_agent.ingest import parse_part10
+    from pacs_agent.receiving.ingest import parse_part10
 
     ds = copy.deepcopy(_template())
     rng = np.random.default_rng(seed)
@@ -158,8 +158,8 @@ class Deployment:
         env: dict[str, str] | None = None,
     ) -> None:
         from pacs_agent.db.session import Database
-        from pacs_agent.ingest import Ingestor
-        from pacs_agent.store import InstanceStore
+        from pacs_agent.receiving.ingest import Ingestor
+        from pacs_agent.receiving.store import InstanceStore
 
         self.work = work
         self.data_dir = work / "agent-data"

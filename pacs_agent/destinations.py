@@ -1,6 +1,6 @@
 """Named destinations and notification channels: URL checks, credential masking, the test action.
 
-A destination is a URL (see ``pacs_agent.delivery.senders`` for the result kinds and
+A destination is a URL (see ``pacs_agent.dispatching.senders`` for the result kinds and
 ``pacs_agent.dispatching.notify`` for the notification channels). Credentials inside a URL
 (``user:password@``, a token in the query) are never shown back: ``mask`` replaces them with
 ``***``, and ``unmask`` puts the stored value back when an edit sends the masked form again, but
@@ -387,7 +387,7 @@ def _echo(sp: SplitResult, settings: Settings, timeout_s: float) -> tuple[bool, 
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-    from pacs_agent.delivery.senders import client_tls_context
+    from pacs_agent.dispatching.senders import client_tls_context
 
     called = unquote(sp.username or "")
     host, port = sp.hostname or "", sp.port or 0

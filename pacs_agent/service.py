@@ -21,19 +21,20 @@ from sqlalchemy import select, text
 from pacs_agent import users
 from pacs_agent.api.app import AgentState, create_app
 from pacs_agent.broker import EmbeddedBroker
-from pacs_agent.completion import CompletionLoop
+from pacs_agent.cleaning.retention import purge_expired
 from pacs_agent.db import migrate
 from pacs_agent.db.models import Pipeline
 from pacs_agent.db.session import Database
-from pacs_agent.dimse.scp import start_scp
 from pacs_agent.dispatching.notify import NotificationLoop
-from pacs_agent.ingest import Ingestor
-from pacs_agent.pull import PullWorker
+from pacs_agent.loop import AgentLoop
 from pacs_agent.queue import make_celery
-from pacs_agent.repair import purge_expired, repair_store
+from pacs_agent.receiving.dimse import start_scp
+from pacs_agent.receiving.ingest import Ingestor
+from pacs_agent.receiving.pull import PullWorker
+from pacs_agent.receiving.repair import repair_store
+from pacs_agent.receiving.store import InstanceStore
 from pacs_agent.scheduling.pipelines import seed_default_pipeline
 from pacs_agent.settings import Settings
-from pacs_agent.store import InstanceStore
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class Agent:
             stat_calling_aes=settings.stat_calling_aes,
         )
         self.celery = make_celery(settings)
-        self.completion = CompletionLoop(
+        self.loop = AgentLoop(
             self.db,
             self.celery,
             quiet_period_s=settings.quiet_period_s,
@@ -85,7 +86,9 @@ class Agent:
             store=self.store,
             default_pipeline=settings.default_pipeline,
         )
-        self.puller = PullWorker(settings, self.db, self.ingestor)
+        self.puller = PullWorker(
+            settings, self.db, self.ingestor, complete=self.loop.completion.complete_uid
+        )
         self.notifier = NotificationLoop(settings, self.db, self.store)
         self.scp: ThreadedAssociationServer | None = None
         self.http: uvicorn.Server | None = None
@@ -98,7 +101,7 @@ class Agent:
             seed_default_pipeline(s, self.settings)
         self.puller.start()
         self.scp = start_scp(
-            self.settings, self.ingestor, on_release=self.completion.association_released
+            self.settings, self.ingestor, on_release=self.loop.completion.association_released
         )
         state = AgentState(
             settings=self.settings,
@@ -121,7 +124,7 @@ class Agent:
         self.http = uvicorn.Server(config)
         self._http_thread = threading.Thread(target=self.http.run, name="http", daemon=True)
         self._http_thread.start()
-        self.completion.start()
+        self.loop.start()
         self.notifier.start()
         log.info(
             "agent ready: AE %s port %d, HTTP port %d, data %s",
@@ -132,7 +135,7 @@ class Agent:
         )
 
     def stop(self) -> None:
-        self.completion.stop()
+        self.loop.stop()
         self.notifier.stop()
         if self.scp is not None:
             self.scp.shutdown()

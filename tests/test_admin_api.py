@@ -23,7 +23,6 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from pacs_agent.api.app import AgentState, create_app
-from pacs_agent.completion import processing_suspended
 from pacs_agent.db.models import (
     AuditEntry,
     Destination,
@@ -37,10 +36,11 @@ from pacs_agent.db.models import (
     utcnow,
 )
 from pacs_agent.db.session import Database
-from pacs_agent.ingest import Ingestor, parse_part10
+from pacs_agent.receiving.ingest import Ingestor, parse_part10
+from pacs_agent.receiving.store import InstanceStore
+from pacs_agent.scheduling.dispatch import processing_suspended
 from pacs_agent.scheduling.pipelines import beat
 from pacs_agent.settings import Settings
-from pacs_agent.store import InstanceStore
 from tests import test_tls
 from tests.conftest import free_port, sample_path
 from tests.support.auth import bearer, make_user

@@ -23,9 +23,9 @@ from pacs_agent.api.app import AgentState, create_app
 from pacs_agent.api.deps import CSRF_HEADER, SESSION_COOKIE
 from pacs_agent.db.models import ApiToken, AuditEntry, User, UserSession
 from pacs_agent.db.session import Database
+from pacs_agent.receiving.store import InstanceStore
 from pacs_agent.security import verify_password
 from pacs_agent.settings import Settings
-from pacs_agent.store import InstanceStore
 from tests.conftest import REPO
 
 SERVICE_TOKEN = "service-token-of-the-auth-tests"

@@ -17,15 +17,29 @@ def test_bench_encoder_prints_throughput_flops_and_random_weights(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     out_json = tmp_path / "enc.json"
-    rc = model_cli.main(["bench", "encoder", "--models", "S", "--sizes", "56", "--batch", "1",
-                         "2", "--min-time", "0", "--json", str(out_json)])
+    rc = model_cli.main(
+        [
+            "bench",
+            "encoder",
+            "--models",
+            "S",
+            "--sizes",
+            "56",
+            "--batch",
+            "1",
+            "2",
+            "--min-time",
+            "0",
+            "--json",
+            str(out_json),
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     print(out)
     assert "RANDOM weights" in out and "24*N*D^2 + 4*N^2*D" in out
     assert re.search(r"model\s+size\s+batch\s+tokens\s+GFLOP/img\s+img/s\s+ms/img\s+TFLOP/s", out)
-    rows = re.findall(r"ViT-S/14\s+56\s+(\d)\s+17\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)",
-                      out)
+    rows = re.findall(r"ViT-S/14\s+56\s+(\d)\s+17\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", out)
     assert [r[0] for r in rows] == ["1", "2"]
     gflop = ViTConfig.vit_small(image_size=56).flops_per_image() / 1e9
     assert all(float(r[1]) == pytest.approx(gflop, abs=0.05) and float(r[2]) > 0 for r in rows)
@@ -38,13 +52,20 @@ def test_bench_pipeline_reports_stages_and_the_bound(
 ) -> None:
     cfg = ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=112)
     bundle = write_demo_bundle(tmp_path / "tiny", config=cfg)
-    rc = model_cli.main(["bench", "pipeline", "--n", "1", "--bundle", str(bundle),
-                         "--workers", "1"])
+    rc = model_cli.main(
+        ["bench", "pipeline", "--n", "1", "--bundle", str(bundle), "--workers", "1"]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     print(out)
-    for stage in ("read", "decode", "preprocess", "encoder+adapters", "maps to source",
-                  "DICOM writers"):
+    for stage in (
+        "read",
+        "decode",
+        "preprocess",
+        "encoder+adapters",
+        "maps to source",
+        "DICOM writers",
+    ):
         assert re.search(rf"^{re.escape(stage)}\s+[\d.]+\s+\d+%", out, re.MULTILINE), stage
     assert "RG1_J2KR.dcm" in out and "RANDOM weights" in out
     assert re.search(r"serial end to end: [\d.]+ images/s", out)

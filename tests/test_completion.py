@@ -11,25 +11,23 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 from sqlalchemy import select, update
 
-from pacs_agent.completion import CompletionLoop
 from pacs_agent.db.models import Destination, Event, Job, Rule, Study
 from pacs_agent.db.session import Database
-from pacs_agent.ingest import Ingestor, parse_part10
+from pacs_agent.loop import AgentLoop
 from pacs_agent.queue import INFERENCE_QUEUE, TASK_PROCESS_JOB, make_celery
+from pacs_agent.receiving.ingest import Ingestor, parse_part10
+from pacs_agent.receiving.store import InstanceStore
 from pacs_agent.scheduling.priority import broker_number
 from pacs_agent.settings import Settings
-from pacs_agent.store import InstanceStore
 from tests.conftest import free_port, sample_path
 
 
-def _setup(
-    tmp: Path, database_url: str, broker_url: str
-) -> tuple[Database, Ingestor, CompletionLoop]:
+def _setup(tmp: Path, database_url: str, broker_url: str) -> tuple[Database, Ingestor, AgentLoop]:
     db = Database(database_url)
     store = InstanceStore(tmp / "store")
     ingestor = Ingestor(db, store)
     settings = Settings(data_dir=tmp, database_url=database_url, broker_url=broker_url)
-    loop = CompletionLoop(
+    loop = AgentLoop(
         db,
         make_celery(settings),
         quiet_period_s=0.0,
@@ -275,9 +273,9 @@ def test_parse_rejects_garbage() -> None:
     assert dcmread(sample_path("RG3_J2KR.dcm")).Modality
 
 
-def _loop(tmp: Path, database_url: str, broker_url: str, **kw: object) -> CompletionLoop:
+def _loop(tmp: Path, database_url: str, broker_url: str, **kw: object) -> AgentLoop:
     settings = Settings(data_dir=tmp, database_url=database_url, broker_url=broker_url)
-    return CompletionLoop(
+    return AgentLoop(
         Database(database_url),
         make_celery(settings),
         quiet_period_s=3600,
@@ -383,13 +381,13 @@ def test_complete_on_association_release(
     """A sender that sends whole studies per association: complete as soon as it releases."""
     import time
 
-    from pacs_agent.dimse.scp import start_scp
+    from pacs_agent.receiving.dimse import start_scp
     from tests.conftest import storescu
 
     db, ingestor, _ = _setup(tmp_path, database_url, broker_url)
     loop = _loop(tmp_path, database_url, broker_url, complete_on_release_aes=["WHOLESTUDY"])
     settings = Settings(data_dir=tmp_path, dicom_port=free_port(), dicom_host="127.0.0.1")
-    server = start_scp(settings, ingestor, on_release=loop.association_released)
+    server = start_scp(settings, ingestor, on_release=loop.completion.association_released)
     try:
         res = storescu(settings.dicom_port, sample_path("RG3_J2KR.dcm"), aet="WHOLESTUDY")
         assert res.returncode == 0, res.stderr

@@ -20,8 +20,9 @@ def _config(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     if exe is None:
         pytest.fail("docker-compose is not installed (make system-deps installs it)")
     clean = {k: v for k, v in os.environ.items() if k not in SECRETS}
-    return subprocess.run([exe, "config"], cwd=REPO, env={**clean, **env},
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [exe, "config"], cwd=REPO, env={**clean, **env}, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_compose_layout_is_valid() -> None:

@@ -12,8 +12,8 @@ from sqlalchemy import select
 
 from pacs_agent.db.models import Delivery, Event, Job, Result, Study
 from pacs_agent.db.session import Database
-from pacs_agent.delivery.senders import DeliveryError, redact, sender_for
-from pacs_agent.delivery.service import deliver_job_results
+from pacs_agent.dispatching.delivery import deliver_job_results
+from pacs_agent.dispatching.senders import DeliveryError, redact, sender_for
 from tests.conftest import sample_path
 from tests.support import free_port
 from tests.support.orthanc import OrthancServer, start_orthanc
@@ -131,10 +131,10 @@ def test_unreachable_destination_is_recorded_as_failed(tmp_path: Path, database_
 
 def test_refused_association_raises(tmp_path: Path) -> None:
     # A peer that does not accept our calling AE (here the agent's own listener, allowlisted).
-    from pacs_agent.dimse.scp import start_scp
-    from pacs_agent.ingest import Ingestor
+    from pacs_agent.receiving.dimse import start_scp
+    from pacs_agent.receiving.ingest import Ingestor
+    from pacs_agent.receiving.store import InstanceStore
     from pacs_agent.settings import Settings
-    from pacs_agent.store import InstanceStore
 
     url = f"sqlite:///{tmp_path / 'peer.db'}"
     from pacs_agent.db.migrate import upgrade

@@ -16,8 +16,8 @@ from pynetdicom import AE, _config
 from sqlalchemy import select
 
 from pacs_agent.db.models import Study
-from pacs_agent.dimse.scp import start_scp
-from pacs_agent.ingest import Ingestor
+from pacs_agent.receiving.dimse import start_scp
+from pacs_agent.receiving.ingest import Ingestor
 from tests.conftest import sample_path, storescu
 from tests.support.listener import Listener
 

@@ -14,11 +14,12 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 from sqlalchemy import select, update
 
+from pacs_agent.cleaning.retention import purge_expired
 from pacs_agent.db.models import Event, Instance, Study
 from pacs_agent.db.session import Database
-from pacs_agent.ingest import Ingestor, parse_part10
-from pacs_agent.repair import MISSING, purge_expired, repair_store
-from pacs_agent.store import InstanceStore
+from pacs_agent.receiving.ingest import Ingestor, parse_part10
+from pacs_agent.receiving.repair import MISSING, repair_store
+from pacs_agent.receiving.store import InstanceStore
 from tests.conftest import AgentEnv, free_port, sample_path
 
 

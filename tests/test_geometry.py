@@ -68,11 +68,25 @@ class Case:
 CASES = [
     Case("portrait-mono1-nospacing", 320, 240, "MONOCHROME1", None, (0.15, 0.45, 0.5, 0.85)),
     Case("landscape-mono2-spacing", 240, 320, "MONOCHROME2", ("0.2", "0.2"), (0.5, 0.85, 0.1, 0.4)),
-    Case("square-mono1-zero-spacing", 256, 256, "MONOCHROME1", ("0.000", "0.000"),
-         (0.55, 0.9, 0.55, 0.9), ("L", "F")),
+    Case(
+        "square-mono1-zero-spacing",
+        256,
+        256,
+        "MONOCHROME1",
+        ("0.000", "0.000"),
+        (0.55, 0.9, 0.55, 0.9),
+        ("L", "F"),
+    ),
     Case("tall-mono2-anisotropic", 360, 200, "MONOCHROME2", ("0.1", "0.2"), (0.6, 0.85, 0.1, 0.45)),
-    Case("wide-mono1-spacing", 200, 360, "MONOCHROME1", ("0.15", "0.15"), (0.1, 0.5, 0.6, 0.8),
-         ("R", "F")),
+    Case(
+        "wide-mono1-spacing",
+        200,
+        360,
+        "MONOCHROME1",
+        ("0.15", "0.15"),
+        (0.1, 0.5, 0.6, 0.8),
+        ("R", "F"),
+    ),
     Case("square-mono2-nospacing", 300, 300, "MONOCHROME2", None, (0.1, 0.4, 0.1, 0.45)),
 ]
 
@@ -161,8 +175,18 @@ def fit_brightness_head(bundle: Bundle) -> LinearSegHead:
     """Least-squares linear head: patch token -> (fraction of the patch in the region) - 1/2."""
     rng = np.random.default_rng(1)
     images, masks = [], []
-    for i, (rows, cols) in enumerate([(280, 210), (210, 280), (240, 240), (330, 190),
-                                      (190, 330), (260, 300), (300, 260), (220, 220)]):
+    for i, (rows, cols) in enumerate(
+        [
+            (280, 210),
+            (210, 280),
+            (240, 240),
+            (330, 190),
+            (190, 330),
+            (260, 300),
+            (300, 260),
+            (220, 220),
+        ]
+    ):
         top, left = rng.uniform(0.05, 0.5, size=2)
         height, width = rng.uniform(0.2, 0.45, size=2)
         mask = box_mask(rows, cols, (top, top + height, left, left + width))
@@ -238,8 +262,14 @@ def run(bundle: Bundle) -> Iterator[Run]:
     for n, case in enumerate(CASES):
         truth = box_mask(case.rows, case.cols, case.box)
         source = make_source(
-            case.name, case.rows, case.cols, case.photometric, truth, case.spacing,
-            case.orientation, seed=n,
+            case.name,
+            case.rows,
+            case.cols,
+            case.photometric,
+            truth,
+            case.spacing,
+            case.orientation,
+            seed=n,
         )
         source.InstanceNumber = n + 1
         # through bytes, as the worker gets it from the agent

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from pacs_agent.api.app import AgentState, create_app
 from pacs_agent.db.session import Database
-from pacs_agent.http.app import AgentState, create_app
-from pacs_agent.ingest import Ingestor, parse_part10
-from pacs_agent.pull import PullRequest
+from pacs_agent.receiving.ingest import Ingestor, parse_part10
+from pacs_agent.receiving.pull import PullRequest
+from pacs_agent.receiving.store import InstanceStore
 from pacs_agent.settings import Settings
-from pacs_agent.store import InstanceStore
 from pacs_agent.webhook_auth import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 from tests.conftest import sample_path
 

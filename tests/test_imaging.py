@@ -15,8 +15,9 @@ from workers.imaging import ImageError, Preprocessing, decode, letterbox, normal
 # helpers
 
 
-def make_ds(arr: np.ndarray, photometric: str = "MONOCHROME2", bits: int = 12, **attrs: object
-            ) -> Dataset:
+def make_ds(
+    arr: np.ndarray, photometric: str = "MONOCHROME2", bits: int = 12, **attrs: object
+) -> Dataset:
     ds = Dataset()
     ds.set_pixel_data(arr, photometric, bits)
     for key, value in attrs.items():
@@ -94,8 +95,14 @@ def test_complementary_monochrome1_and_2_decode_identically() -> None:
 def test_modality_lut_and_window_in_output_units() -> None:
     arr = np.tile(np.arange(0, 64, dtype=np.uint16) * 10, (32, 1))  # stored 0..630
     # HU = 2 * stored - 1000: window [-1000, 260] over output values covers stored 0..630
-    ds = make_ds(arr, "MONOCHROME2", RescaleSlope=2, RescaleIntercept=-1000,
-                 WindowCenter=-370, WindowWidth=1261)
+    ds = make_ds(
+        arr,
+        "MONOCHROME2",
+        RescaleSlope=2,
+        RescaleIntercept=-1000,
+        WindowCenter=-370,
+        WindowWidth=1261,
+    )
     img = decode(ds)
     row = img[0]
     assert np.all(np.diff(row) > 0)
@@ -219,8 +226,7 @@ def test_decode_pool_matches_serial_decode_in_order() -> None:
     paths = [rg1_path(n) for n in names]
     bad = b"not a dicom file"
     with DecodePool(size=224, workers=2) as pool:
-        out = list(pool.imap([(n, p) for n, p in zip(names, paths, strict=True)]
-                             + [("bad", bad)]))
+        out = list(pool.imap([(n, p) for n, p in zip(names, paths, strict=True)] + [("bad", bad)]))
     assert [d.sop for d in out] == [*names, "bad"]
     for d, p in zip(out[:3], paths, strict=True):
         assert d.error is None and d.image is not None and d.backend == "cpu"
@@ -245,8 +251,10 @@ def test_nvimgcodec_gpu_decode_equals_cpu_decode() -> None:
     from workers.decode_pool import decode_gpu, nvimgcodec_available, nvimgcodec_unavailable_reason
 
     if not nvimgcodec_available():
-        pytest.skip("GPU decode path NOT tested here: nvidia.nvimgcodec is not importable or "
-                    f"finds no GPU ({nvimgcodec_unavailable_reason()}); the CPU path is tested")
+        pytest.skip(
+            "GPU decode path NOT tested here: nvidia.nvimgcodec is not importable or "
+            f"finds no GPU ({nvimgcodec_unavailable_reason()}); the CPU path is tested"
+        )
     for name in ("RG1_J2KR.dcm", "RG3_J2KR.dcm"):
         ds = dcmread(rg1_path(name))
         np.testing.assert_array_equal(decode_gpu(ds), decode(dcmread(rg1_path(name))))

@@ -40,11 +40,15 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def _heads(tmp: Path, dim: int = 64) -> dict[str, Path]:
     g = torch.Generator().manual_seed(0)
     files = {
-        "classifier": {"linear.weight": torch.randn(2, 2 * dim, generator=g),
-                       "linear.bias": torch.zeros(2)},
+        "classifier": {
+            "linear.weight": torch.randn(2, 2 * dim, generator=g),
+            "linear.bias": torch.zeros(2),
+        },
         "segmenter": {"weight": torch.randn(1, dim, generator=g), "bias": torch.zeros(1)},
-        "view": {"linear.weight": torch.randn(3, 2 * dim, generator=g),
-                 "linear.bias": torch.zeros(3)},
+        "view": {
+            "linear.weight": torch.randn(3, 2 * dim, generator=g),
+            "linear.bias": torch.zeros(3),
+        },
     }
     out = {}
     for name, tensors in files.items():
@@ -53,17 +57,40 @@ def _heads(tmp: Path, dim: int = 64) -> dict[str, Path]:
     return out
 
 
-def test_import_both_layouts_give_the_same_encoder(checkpoints: dict[str, Path], tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_import_both_layouts_give_the_same_encoder(
+    checkpoints: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     heads = _heads(tmp_path)
     for layout in ("hf", "original"):
-        rc = model_cli.main([
-            "models", "import", str(checkpoints[layout]), "--out", str(tmp_path / layout),
-            "--classifier", str(heads["classifier"]), "--labels", "Effusion,Nodule",
-            "--thresholds", "0.4", "0.6", "--segmenter", str(heads["segmenter"]),
-            "--classes", "Lung", "--view-head", str(heads["view"]),
-            "--anatomy", "chest", "--views", "PA", "AP", "--name", "test import",
-        ])
+        rc = model_cli.main(
+            [
+                "models",
+                "import",
+                str(checkpoints[layout]),
+                "--out",
+                str(tmp_path / layout),
+                "--classifier",
+                str(heads["classifier"]),
+                "--labels",
+                "Effusion,Nodule",
+                "--thresholds",
+                "0.4",
+                "0.6",
+                "--segmenter",
+                str(heads["segmenter"]),
+                "--classes",
+                "Lung",
+                "--view-head",
+                str(heads["view"]),
+                "--anatomy",
+                "chest",
+                "--views",
+                "PA",
+                "AP",
+                "--name",
+                "test import",
+            ]
+        )
         out = capsys.readouterr().out
         assert rc == 0, out
         assert "bundle written to" in out
@@ -91,21 +118,38 @@ def test_import_both_layouts_give_the_same_encoder(checkpoints: dict[str, Path],
         assert torch.equal(a.encoder(x).patch_tokens, b.encoder(x).patch_tokens)
 
 
-def test_import_refuses_mismatched_adapter(checkpoints: dict[str, Path], tmp_path: Path,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_import_refuses_mismatched_adapter(
+    checkpoints: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     heads = _heads(tmp_path, dim=32)  # wrong width for this encoder
-    rc = model_cli.main(["models", "import", str(checkpoints["hf"]), "--out",
-                         str(tmp_path / "b"), "--classifier", str(heads["classifier"]),
-                         "--labels", "A", "B"])
+    rc = model_cli.main(
+        [
+            "models",
+            "import",
+            str(checkpoints["hf"]),
+            "--out",
+            str(tmp_path / "b"),
+            "--classifier",
+            str(heads["classifier"]),
+            "--labels",
+            "A",
+            "B",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 1 and "classifier.safetensors" in err and "does not fit" in err
 
 
-def test_verify_names_the_bad_file(checkpoints: dict[str, Path], tmp_path: Path,
-                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_verify_names_the_bad_file(
+    checkpoints: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "b"
-    assert model_cli.main(["models", "import", str(checkpoints["original"]), "--out",
-                           str(out), "--link"]) == 0
+    assert (
+        model_cli.main(
+            ["models", "import", str(checkpoints["original"]), "--out", str(out), "--link"]
+        )
+        == 0
+    )
     assert model_cli.main(["models", "verify", str(out)]) == 0
     assert "bundle OK" in capsys.readouterr().out
     copy = Path(shutil.copytree(out, tmp_path / "tampered"))
@@ -123,16 +167,26 @@ def test_verify_names_the_bad_file(checkpoints: dict[str, Path], tmp_path: Path,
     assert "missing file encoder/preprocessor_config.json" in capsys.readouterr().err
 
 
-def test_embed_writes_tokens_grid_and_uids(checkpoints: dict[str, Path], tmp_path: Path,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_embed_writes_tokens_grid_and_uids(
+    checkpoints: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bundle = tmp_path / "b"
     assert model_cli.main(["models", "import", str(checkpoints["hf"]), "--out", str(bundle)]) == 0
     rng = np.random.default_rng(0)
     files, uids = [], []
     for i, shape in enumerate([(80, 60), (64, 100)]):
         f = tmp_path / f"{i}.dcm"
-        uids.append(write_dicom(f, rng.integers(0, 4000, shape), sex="F", age=50,
-                                manufacturer="A", view="PA", patient=f"P{i}"))
+        uids.append(
+            write_dicom(
+                f,
+                rng.integers(0, 4000, shape),
+                sex="F",
+                age=50,
+                manufacturer="A",
+                view="PA",
+                patient=f"P{i}",
+            )
+        )
         files.append(str(f))
     out = tmp_path / "emb.npz"
     assert model_cli.main(["models", "embed", str(bundle), *files, "--out", str(out)]) == 0
@@ -144,20 +198,29 @@ def test_embed_writes_tokens_grid_and_uids(checkpoints: dict[str, Path], tmp_pat
     assert np.isfinite(z["patch_tokens"]).all()
 
 
-def test_pacs_agent_cli_hands_models_commands_over(checkpoints: dict[str, Path],
-                                                   tmp_path: Path) -> None:
+def test_pacs_agent_cli_hands_models_commands_over(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
     """The real entry point: `pacs-agent models import` then `verify`, as processes."""
     out = tmp_path / "b"
-    for args in (["models", "import", str(checkpoints["original"]), "--out", str(out)],
-                 ["models", "verify", str(out)]):
-        res = subprocess.run([sys.executable, "-m", "pacs_agent.cli", *args], cwd=REPO,
-                             capture_output=True, text=True, timeout=120)
+    for args in (
+        ["models", "import", str(checkpoints["original"]), "--out", str(out)],
+        ["models", "verify", str(out)],
+    ):
+        res = subprocess.run(
+            [sys.executable, "-m", "pacs_agent.cli", *args],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert res.returncode == 0, res.stdout + res.stderr
     assert "bundle OK" in res.stdout
 
 
-def test_import_converts_a_pth_training_checkpoint(checkpoints: dict[str, Path],
-                                                   tmp_path: Path) -> None:
+def test_import_converts_a_pth_training_checkpoint(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
     """A DINOv2 training checkpoint (`teacher.backbone.` keys, pickle format, read with
     weights_only=True) becomes a safetensors file in the bundle with the same encoder."""
     from safetensors.torch import load_file
@@ -165,12 +228,30 @@ def test_import_converts_a_pth_training_checkpoint(checkpoints: dict[str, Path],
     tensors = load_file(str(checkpoints["original"] / "backbone_compatible.safetensors"))
     src = tmp_path / "ckpt"
     src.mkdir()
-    torch.save({"teacher": {f"teacher.backbone.{k}": v for k, v in tensors.items()}},
-               src / "teacher_checkpoint.pth")
+    torch.save(
+        {"teacher": {f"teacher.backbone.{k}": v for k, v in tensors.items()}},
+        src / "teacher_checkpoint.pth",
+    )
     shutil.copy(checkpoints["original"] / "config.json", src / "config.json")
     out = tmp_path / "b"
-    assert model_cli.main(["models", "import", str(src), "--out", str(out), "--size", "56",
-                           "--mean", "0.5", "--std", "0.25"]) == 0
+    assert (
+        model_cli.main(
+            [
+                "models",
+                "import",
+                str(src),
+                "--out",
+                str(out),
+                "--size",
+                "56",
+                "--mean",
+                "0.5",
+                "--std",
+                "0.25",
+            ]
+        )
+        == 0
+    )
     b = load_bundle(out)
     assert (out / "encoder" / "teacher_checkpoint.safetensors").is_file()
     assert not list((out / "encoder").glob("*.pth"))

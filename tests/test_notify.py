@@ -44,8 +44,8 @@ from pacs_agent.dispatching.channels import (
     read_ack,
 )
 from pacs_agent.dispatching.notify import NotificationLoop, queue_notifications
+from pacs_agent.receiving.store import InstanceStore
 from pacs_agent.settings import Settings
-from pacs_agent.store import InstanceStore
 from pacs_agent.webhook_auth import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 from tests.conftest import free_port, sample_path
 from tests.support.auth import bearer, make_user

@@ -23,9 +23,9 @@ from fastapi.testclient import TestClient
 from pacs_agent import users
 from pacs_agent.api.app import AgentState, create_app
 from pacs_agent.db.session import Database
+from pacs_agent.receiving.store import InstanceStore
 from pacs_agent.security import ROLE_RANK, SERVICE_ROLE, role_allows
 from pacs_agent.settings import Settings
-from pacs_agent.store import InstanceStore
 
 SERVICE_TOKEN = "service-token-of-the-openapi-auth-test"
 # The only routes open without a credential (issue 8): health, metrics, the HMAC-signed webhook,

@@ -195,9 +195,7 @@ def _option_id(options: OutputOptions) -> str:
 def test_every_option_combination(options: OutputOptions) -> None:
     sources = _two_image_study("CT_small.dcm")
     results = [_result(sources[0]), _result(sources[1], positive=False)]
-    outputs = build_outputs(
-        sources, results, DEMO, 3, options, triage="urgent", created=CREATED
-    )
+    outputs = build_outputs(sources, results, DEMO, 3, options, triage="urgent", created=CREATED)
     _check_study_objects(outputs, sources, options)
     for kind, ds, _ in outputs:
         errors, _ = split_findings(run_dciodvfy(_encode(ds)))
@@ -208,8 +206,14 @@ def test_every_option_combination(options: OutputOptions) -> None:
         assert images.ReferencedSOPInstanceUID == sources[0].SOPInstanceUID  # the positive one
 
 
-SOURCES = ["RG1_J2KR.dcm", "RG3_UNCR.dcm", "CT_small.dcm", "SC_rgb.dcm", "US1_J2KR.dcm",
-           "MR2_J2KI.dcm"]
+SOURCES = [
+    "RG1_J2KR.dcm",
+    "RG3_UNCR.dcm",
+    "CT_small.dcm",
+    "SC_rgb.dcm",
+    "US1_J2KR.dcm",
+    "MR2_J2KI.dcm",
+]
 VARIANTS = [
     OutputOptions("tid1500", "binary", True, True),
     OutputOptions("basic-text", "fractional", True, True),
@@ -256,8 +260,13 @@ def test_uids_are_deterministic_and_flavour_specific() -> None:
     base = _uids(first)
     other = _uids(
         build_outputs(
-            sources, results, DEMO, 1,
-            OutputOptions("basic-text", "fractional", True, True), "urgent", created=CREATED,
+            sources,
+            results,
+            DEMO,
+            1,
+            OutputOptions("basic-text", "fractional", True, True),
+            "urgent",
+            created=CREATED,
         )
     )
     # another flavour is another object: never the same UID for another SOP Class

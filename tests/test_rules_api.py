@@ -17,9 +17,9 @@ from pydicom.uid import generate_uid
 from pacs_agent.api.app import AgentState, create_app
 from pacs_agent.db.models import Destination, Pipeline, Rule
 from pacs_agent.db.session import Database
-from pacs_agent.ingest import Ingestor, parse_part10
+from pacs_agent.receiving.ingest import Ingestor, parse_part10
+from pacs_agent.receiving.store import InstanceStore
 from pacs_agent.settings import Settings
-from pacs_agent.store import InstanceStore
 from tests.conftest import sample_path
 from tests.support.auth import bearer, make_user
 
@@ -357,9 +357,9 @@ def test_dimse_variables_and_the_sender_destination(api: Api) -> None:
     destination is named after the calling AE."""
     from sqlalchemy import select
 
-    from pacs_agent.completion import complete_study
     from pacs_agent.db.models import Job, Study
-    from pacs_agent.dimse.scp import start_scp
+    from pacs_agent.receiving.dimse import start_scp
+    from pacs_agent.scheduling.completion import complete_study
     from tests.conftest import free_port, storescu
 
     settings = Settings(

@@ -25,8 +25,8 @@ from schemathesis.specs.openapi.checks import status_code_conformance
 from pacs_agent import users
 from pacs_agent.api.app import AgentState, create_app
 from pacs_agent.db.session import Database
+from pacs_agent.receiving.store import InstanceStore
 from pacs_agent.settings import Settings
-from pacs_agent.store import InstanceStore
 from tests.conftest import _create_pg_database, _drop_pg_database
 
 SERVICE_TOKEN = "service-token-of-the-schemathesis-test"

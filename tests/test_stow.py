@@ -23,7 +23,7 @@ from sqlalchemy import select
 
 from pacs_agent.db.models import Instance, Study
 from pacs_agent.db.session import Database
-from pacs_agent.http.stow import MalformedMultipart, MultipartReader
+from pacs_agent.receiving.stow import MalformedMultipart, MultipartReader
 from tests.conftest import AgentEnv, _create_pg_database, _drop_pg_database, sample_path
 
 TOKEN = "stow-test-token"
@@ -96,7 +96,7 @@ def agent(
         if probe.status_code in (404, 405):
             pytest.fail(
                 "POST /dicomweb/studies is not served: create_app() must include "
-                "pacs_agent.http.stow.router (app.include_router(stow_router))"
+                "pacs_agent.receiving.stow.router (app.include_router(stow_router))"
             )
         yield StowAgent(env, db, tmp / "agent-data" / "instances")
     finally:
@@ -439,7 +439,7 @@ def test_parser_refuses_malformed_bodies(body: bytes) -> None:
 
 def test_dicomweb_destination_sends_the_bearer_token(agent: StowAgent, tmp_path: Path) -> None:
     """The product's own STOW-RS sender, against this STOW-RS endpoint that wants a token."""
-    from pacs_agent.delivery.senders import DeliveryError, sender_for
+    from pacs_agent.dispatching.senders import DeliveryError, sender_for
 
     ds = fresh("CT_small.dcm")
     path = tmp_path / f"{ds.SOPInstanceUID}.dcm"

@@ -138,7 +138,7 @@ def test_tls_settings_are_checked(tmp_path: Path, pki: Path) -> None:
 
 def test_results_delivered_over_tls(tmp_path: Path, pki: Path) -> None:
     """dicom+tls:// destinations: the product's C-STORE SCU to a TLS peer (here the listener)."""
-    from pacs_agent.delivery.senders import DeliveryError, client_tls_context, sender_for
+    from pacs_agent.dispatching.senders import DeliveryError, client_tls_context, sender_for
 
     lst = _tls_listener(tmp_path, pki)
     dest = f"dicom+tls://PACSAGENT@127.0.0.1:{lst.port}"

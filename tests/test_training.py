@@ -28,8 +28,16 @@ N_IMAGES = 48
 SIZE = 112
 
 
-def write_dicom(path: Path, pixels: np.ndarray, *, sex: str, age: int, manufacturer: str,
-                view: str, patient: str) -> str:
+def write_dicom(
+    path: Path,
+    pixels: np.ndarray,
+    *,
+    sex: str,
+    age: int,
+    manufacturer: str,
+    view: str,
+    patient: str,
+) -> str:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     sop = generate_uid()
@@ -72,9 +80,15 @@ def make_dataset(root: Path, seed: int = 0) -> tuple[Path, Path, Path, list[dict
             mask = (y - cy) ** 2 + (x - cx) ** 2 < r * r
             img[mask] += 1800
         name = f"img{i:03d}"
-        write_dicom(images / f"{name}.dcm", np.clip(img, 0, 4095), sex="MF"[(i // 8) % 2],
-                    age=int(rng.integers(20, 90)), manufacturer="AB"[(i // 2) % 2],
-                    view=("PA", "AP")[(i // 4) % 2], patient=f"P{i:03d}")
+        write_dicom(
+            images / f"{name}.dcm",
+            np.clip(img, 0, 4095),
+            sex="MF"[(i // 8) % 2],
+            age=int(rng.integers(20, 90)),
+            manufacturer="AB"[(i // 2) % 2],
+            view=("PA", "AP")[(i // 4) % 2],
+            patient=f"P{i:03d}",
+        )
         np.save(masks / f"{name}.npy", mask)
         rows.append({"filename": f"{name}.dcm", "Disc": int(disc)})
     labels = root / "labels.csv"
@@ -91,8 +105,9 @@ def _write_csv(path: Path, rows: list[dict[str, object]]) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cfg = ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    image_size=SIZE, patch_size=14)
+    cfg = ViTConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=SIZE, patch_size=14
+    )
     return write_demo_bundle(tmp_path_factory.mktemp("tiny") / "bundle", seed=3, config=cfg)
 
 
@@ -102,17 +117,38 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path,
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_bundle: Path, dataset: tuple[Path, Path, Path, list[dict]],
-            tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def trained(
+    tiny_bundle: Path,
+    dataset: tuple[Path, Path, Path, list[dict]],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, Path]:
     images, labels, masks, _ = dataset
     tmp = tmp_path_factory.mktemp("trained")
     paths = {"bundle": tmp / "b2", "cache": tmp / "cache", "json": tmp / "report.json"}
-    rc = model_cli.main([
-        "adapters", "train", "--bundle", str(tiny_bundle), "--data", str(images),
-        "--labels", str(labels), "--masks", str(masks), "--classes", "Disc",
-        "--out", str(paths["bundle"]), "--cache", str(paths["cache"]),
-        "--bootstrap", "300", "--json", str(paths["json"]),
-    ])
+    rc = model_cli.main(
+        [
+            "adapters",
+            "train",
+            "--bundle",
+            str(tiny_bundle),
+            "--data",
+            str(images),
+            "--labels",
+            str(labels),
+            "--masks",
+            str(masks),
+            "--classes",
+            "Disc",
+            "--out",
+            str(paths["bundle"]),
+            "--cache",
+            str(paths["cache"]),
+            "--bootstrap",
+            "300",
+            "--json",
+            str(paths["json"]),
+        ]
+    )
     assert rc == 0
     return paths
 
@@ -122,8 +158,10 @@ def test_train_learns_and_writes_an_evaluated_bundle(
 ) -> None:
     report = json.loads(trained["json"].read_text())
     disc = report["auroc"]["Disc"]
-    print(f"held-out AUROC {disc['value']:.3f} [{disc['lo']:.3f}, {disc['hi']:.3f}] "
-          f"n={disc['n']}; Dice {report['dice']['Disc']['value']:.3f}")
+    print(
+        f"held-out AUROC {disc['value']:.3f} [{disc['lo']:.3f}, {disc['hi']:.3f}] "
+        f"n={disc['n']}; Dice {report['dice']['Disc']['value']:.3f}"
+    )
     assert report["n_test"] >= 12 and disc["n"] == report["n_test"]
     assert disc["value"] > 0.9 and disc["lo"] > 0.7  # learnt, not just run
     assert report["dice"]["Disc"]["value"] > 0.7
@@ -142,8 +180,9 @@ def test_train_learns_and_writes_an_evaluated_bundle(
     disc_img = plain.copy()
     inside = (y - 50) ** 2 + (x - 60) ** 2 < 20**2
     disc_img[inside] += 1800 / 4096
-    r_plain, r_disc = ModelRunner(b).run([("1", plain.astype(np.float32)),
-                                          ("2", disc_img.astype(np.float32))])
+    r_plain, r_disc = ModelRunner(b).run(
+        [("1", plain.astype(np.float32)), ("2", disc_img.astype(np.float32))]
+    )
     assert r_disc.findings[0].probability > r_plain.findings[0].probability
     assert r_disc.findings[0].present and not r_plain.findings[0].present
     iou = (r_disc.masks[0] & inside).sum() / (r_disc.masks[0] | inside).sum()
@@ -153,8 +192,11 @@ def test_train_learns_and_writes_an_evaluated_bundle(
 
 
 def test_features_come_from_the_cache_the_second_time(
-    trained: dict[str, Path], tiny_bundle: Path, dataset: tuple[Path, Path, Path, list[dict]],
-    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    trained: dict[str, Path],
+    tiny_bundle: Path,
+    dataset: tuple[Path, Path, Path, list[dict]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     images, labels, _, rows = dataset
     # negative control: a label independent of the image (half positive among disc images,
@@ -168,11 +210,26 @@ def test_features_come_from_the_cache_the_second_time(
             shuffled[i]["Disc"] = int(i in positive)
     _write_csv(tmp_path / "shuffled.csv", shuffled)
     capsys.readouterr()
-    rc = model_cli.main([
-        "adapters", "train", "--bundle", str(tiny_bundle), "--data", str(images),
-        "--labels", str(tmp_path / "shuffled.csv"), "--out", str(tmp_path / "b3"),
-        "--cache", str(trained["cache"]), "--bootstrap", "200", "--json", str(tmp_path / "r.json"),
-    ])
+    rc = model_cli.main(
+        [
+            "adapters",
+            "train",
+            "--bundle",
+            str(tiny_bundle),
+            "--data",
+            str(images),
+            "--labels",
+            str(tmp_path / "shuffled.csv"),
+            "--out",
+            str(tmp_path / "b3"),
+            "--cache",
+            str(trained["cache"]),
+            "--bootstrap",
+            "200",
+            "--json",
+            str(tmp_path / "r.json"),
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert f"features: {N_IMAGES} of {N_IMAGES} from the cache" in out
@@ -182,7 +239,9 @@ def test_features_come_from_the_cache_the_second_time(
 
 
 def test_audit_flags_the_subgroup_with_flipped_labels(
-    trained: dict[str, Path], dataset: tuple[Path, Path, Path, list[dict]], tmp_path: Path,
+    trained: dict[str, Path],
+    dataset: tuple[Path, Path, Path, list[dict]],
+    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     images, _, masks, rows = dataset
@@ -195,11 +254,26 @@ def test_audit_flags_the_subgroup_with_flipped_labels(
     _write_csv(tmp_path / "flipped.csv", flipped)
     out_json = tmp_path / "audit.json"
     capsys.readouterr()
-    rc = model_cli.main([
-        "adapters", "audit", "--bundle", str(trained["bundle"]), "--data", str(images),
-        "--labels", str(tmp_path / "flipped.csv"), "--masks", str(masks),
-        "--cache", str(trained["cache"]), "--bootstrap", "300", "--json", str(out_json),
-    ])
+    rc = model_cli.main(
+        [
+            "adapters",
+            "audit",
+            "--bundle",
+            str(trained["bundle"]),
+            "--data",
+            str(images),
+            "--labels",
+            str(tmp_path / "flipped.csv"),
+            "--masks",
+            str(masks),
+            "--cache",
+            str(trained["cache"]),
+            "--bootstrap",
+            "300",
+            "--json",
+            str(out_json),
+        ]
+    )
     assert rc == 0
     table = capsys.readouterr().out
     print(table)
@@ -230,7 +304,8 @@ def test_auroc_matches_pairwise_definition_and_handles_ties() -> None:
     s = np.round(rng.random(60), 1)  # many ties
     pos, neg = s[y == 1], s[y == 0]
     pairwise = ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (
-        len(pos) * len(neg))
+        len(pos) * len(neg)
+    )
     assert auroc(y, s) == pytest.approx(pairwise)
     assert auroc(np.ones(5), np.arange(5)) != auroc(np.ones(5), np.arange(5))  # nan: one class
     e = auroc_estimate(y, s, n_boot=300, seed=1)
@@ -242,8 +317,9 @@ def test_auroc_matches_pairwise_definition_and_handles_ties() -> None:
     assert dice(np.zeros((2, 2)), np.zeros((2, 2))) == 1.0
 
 
-def test_labelled_set_errors_name_the_row(dataset: tuple[Path, Path, Path, list[dict]],
-                                          tmp_path: Path) -> None:
+def test_labelled_set_errors_name_the_row(
+    dataset: tuple[Path, Path, Path, list[dict]], tmp_path: Path
+) -> None:
     from workers.training.data import DataError, load_labelled_set
 
     images, _, _, rows = dataset

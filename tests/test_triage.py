@@ -20,11 +20,12 @@ from pydicom.sequence import Sequence as DicomSequence
 from sqlalchemy import select
 
 from pacs_agent.bench_triage import Deployment, fifo_latencies, percentile, small_radiograph
-from pacs_agent.completion import CompletionLoop
 from pacs_agent.db.models import AgentFlag, Event, Job, Pipeline, Study, WorkerBeat
 from pacs_agent.db.session import Database
-from pacs_agent.ingest import Ingestor, parse_part10
+from pacs_agent.loop import AgentLoop
 from pacs_agent.queue import make_celery
+from pacs_agent.receiving.ingest import Ingestor, parse_part10
+from pacs_agent.receiving.store import InstanceStore
 from pacs_agent.scheduling import claims
 from pacs_agent.scheduling.pipelines import (
     beat,
@@ -35,7 +36,6 @@ from pacs_agent.scheduling.pipelines import (
     worker_queues,
 )
 from pacs_agent.settings import Settings
-from pacs_agent.store import InstanceStore
 
 UTC = dt.UTC
 T0 = dt.datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
@@ -283,7 +283,7 @@ def test_dispatch_in_priority_order_holds_offpeak_and_stops_when_suspended(
 ) -> None:
     db = Database(database_url)
     settings = Settings(data_dir=tmp_path, database_url=database_url, broker_url=broker_url)
-    loop = CompletionLoop(
+    loop = AgentLoop(
         db,
         make_celery(settings),
         quiet_period_s=0,
@@ -296,10 +296,10 @@ def test_dispatch_in_priority_order_holds_offpeak_and_stops_when_suspended(
     }
     with db.session() as s:
         s.add(AgentFlag(key="processing_suspended", value=True))
-    assert loop.dispatch_pending() == 0
+    assert loop.dispatcher.dispatch_pending() == 0
     with db.session() as s:
         s.get_one(AgentFlag, "processing_suspended").value = False
-    assert loop.dispatch_pending() == 3
+    assert loop.dispatcher.dispatch_pending() == 3
     with db.session() as s:
         status = {j.id: j.status for j in s.scalars(select(Job))}
         order = [
@@ -319,7 +319,7 @@ def test_dispatch_in_priority_order_holds_offpeak_and_stops_when_suspended(
     assert {m["properties"]["priority"] for m in urgent_q} == {0, 3}
     r.close()
     loop.offpeak_window = "00:00-00:00"  # always open
-    assert loop.dispatch_pending() == 1
+    assert loop.dispatcher.dispatch_pending() == 1
     db.dispose()
 
 

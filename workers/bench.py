@@ -63,8 +63,10 @@ def cpu_model() -> str:
 
 def machine_description(device: str) -> str:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    desc = (f"{cpu_model()}, {cores} CPU cores available, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads)")
+    desc = (
+        f"{cpu_model()}, {cores} CPU cores available, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads)"
+    )
     if device.startswith("cuda") and torch.cuda.is_available():
         desc += f", GPU {torch.cuda.get_device_name(torch.device(device))}"
     if hasattr(os, "getloadavg"):
@@ -119,13 +121,20 @@ def bench_encoder(
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}")
     print_fn(f"encoder benchmark on {device} ({machine_description(device)}), dtype {dtype}")
-    print_fn("RANDOM weights (timing only). FLOPs analytic: patch embed + per layer "
-             "24*N*D^2 + 4*N^2*D (multiply-add = 2). img/s: fastest of >= 3 calls")
-    print_fn(f"{'model':<10} {'size':>5} {'batch':>5} {'tokens':>6} {'GFLOP/img':>10} "
-             f"{'img/s':>9} {'ms/img':>9} {'TFLOP/s':>8}")
+    print_fn(
+        "RANDOM weights (timing only). FLOPs analytic: patch embed + per layer "
+        "24*N*D^2 + 4*N^2*D (multiply-add = 2). img/s: fastest of >= 3 calls"
+    )
+    print_fn(
+        f"{'model':<10} {'size':>5} {'batch':>5} {'tokens':>6} {'GFLOP/img':>10} "
+        f"{'img/s':>9} {'ms/img':>9} {'TFLOP/s':>8}"
+    )
     results: list[EncoderResult] = []
-    autocast = (torch.autocast(device_type=torch.device(device).type, dtype=_DTYPES[dtype])
-                if dtype != "float32" else None)
+    autocast = (
+        torch.autocast(device_type=torch.device(device).type, dtype=_DTYPES[dtype])
+        if dtype != "float32"
+        else None
+    )
     for name, size, batches in plan:
         if name not in MODEL_FACTORIES:
             raise ValueError(f"model must be one of {sorted(MODEL_FACTORIES)}, got {name!r}")
@@ -136,11 +145,23 @@ def bench_encoder(
         for batch in batches:
             label = f"ViT-{name}/14"
             if per_image_s is not None and per_image_s * batch > max_call_s:
-                r = EncoderResult(label, size, batch, dtype, cfg.tokens(size, size), gflop, None,
-                                  None, 0, skipped=f"one call ~{per_image_s * batch:.0f} s")
+                r = EncoderResult(
+                    label,
+                    size,
+                    batch,
+                    dtype,
+                    cfg.tokens(size, size),
+                    gflop,
+                    None,
+                    None,
+                    0,
+                    skipped=f"one call ~{per_image_s * batch:.0f} s",
+                )
                 results.append(r)
-                print_fn(f"{label:<10} {size:>5} {batch:>5} {r.tokens:>6} {gflop:>10.1f} "
-                         f"{'skipped':>9} ({r.skipped})")
+                print_fn(
+                    f"{label:<10} {size:>5} {batch:>5} {r.tokens:>6} {gflop:>10.1f} "
+                    f"{'skipped':>9} ({r.skipped})"
+                )
                 continue
             x = torch.randn(batch, 3, size, size, device=device)
 
@@ -165,11 +186,22 @@ def bench_encoder(
             iters = len(times)
             ips = batch / min(times)
             per_image_s = 1.0 / ips
-            r = EncoderResult(label, size, batch, dtype, cfg.tokens(size, size), gflop, ips,
-                              ips * gflop / 1e3, iters)
+            r = EncoderResult(
+                label,
+                size,
+                batch,
+                dtype,
+                cfg.tokens(size, size),
+                gflop,
+                ips,
+                ips * gflop / 1e3,
+                iters,
+            )
             results.append(r)
-            print_fn(f"{label:<10} {size:>5} {batch:>5} {r.tokens:>6} {gflop:>10.1f} "
-                     f"{ips:>9.2f} {1e3 / ips:>9.1f} {r.tflops:>8.3f}")
+            print_fn(
+                f"{label:<10} {size:>5} {batch:>5} {r.tokens:>6} {gflop:>10.1f} "
+                f"{ips:>9.2f} {1e3 / ips:>9.1f} {r.tflops:>8.3f}"
+            )
         del model
     return results
 
@@ -228,16 +260,24 @@ def bench_pipeline(
     try:
         bundle = load_bundle(bundle_path)
         runner = ModelRunner(bundle, device=device, dtype=dtype, batch_size=batch_size)
-        algorithm = AlgorithmInfo(name=bundle.name, version=bundle.version,
-                                  checksum=bundle.checksum, is_demo=bundle.is_demo)
+        algorithm = AlgorithmInfo(
+            name=bundle.name,
+            version=bundle.version,
+            checksum=bundle.checksum,
+            is_demo=bundle.is_demo,
+        )
         blobs = _rg1_blobs(n, source)
-        print_fn(f"pipeline benchmark: {n} x {source} on {device} "
-                 f"({machine_description(device)}), dtype {dtype}, batch {batch_size}")
-        print_fn(f"bundle: {bundle.name} {bundle.version} "
-                 f"({'RANDOM weights' if bundle.is_demo else 'trained weights'}), encoder "
-                 f"width {bundle.encoder_config.hidden_size}, "
-                 f"{bundle.encoder_config.num_hidden_layers} layers, input "
-                 f"{bundle.preprocessing.size} px")
+        print_fn(
+            f"pipeline benchmark: {n} x {source} on {device} "
+            f"({machine_description(device)}), dtype {dtype}, batch {batch_size}"
+        )
+        print_fn(
+            f"bundle: {bundle.name} {bundle.version} "
+            f"({'RANDOM weights' if bundle.is_demo else 'trained weights'}), encoder "
+            f"width {bundle.encoder_config.hidden_size}, "
+            f"{bundle.encoder_config.num_hidden_layers} layers, input "
+            f"{bundle.preprocessing.size} px"
+        )
 
         # warm-up: one image through the model (allocations, lazy imports)
         ds0 = dcmread(BytesIO(blobs[0]))
@@ -277,8 +317,9 @@ def bench_pipeline(
         with DecodePool(bundle.preprocessing.size, workers=workers) as pool:
             t_pool = time.perf_counter() - t_all
             headers = [dcmread(BytesIO(b)) for b in blobs]  # pixel data stays undecoded here
-            decoded = pool.imap((str(ds.SOPInstanceUID), b)
-                                for ds, b in zip(headers, blobs, strict=True))
+            decoded = pool.imap(
+                (str(ds.SOPInstanceUID), b) for ds, b in zip(headers, blobs, strict=True)
+            )
             results2 = list(runner.run_prepared(d.image for d in decoded if d.image is not None))
         build_outputs(headers, results2, algorithm, 1)
         overlapped_wall = time.perf_counter() - t_all
@@ -287,10 +328,14 @@ def bench_pipeline(
         total = sum(per_image.values())
         for k, v in per_image.items():
             print_fn(f"{k:<18} {v:>8.3f} {v / total:>6.0%}{'  <- bound' if k == bound else ''}")
-        print_fn(f"serial end to end: {n / serial_wall:.3f} images/s ({serial_wall:.2f} s for {n})"
-                 f", {len(outputs)} output objects")
-        print_fn(f"overlapped ({workers} decode processes, pool start {t_pool:.2f} s included): "
-                 f"{n / overlapped_wall:.3f} images/s ({overlapped_wall:.2f} s)")
+        print_fn(
+            f"serial end to end: {n / serial_wall:.3f} images/s ({serial_wall:.2f} s for {n})"
+            f", {len(outputs)} output objects"
+        )
+        print_fn(
+            f"overlapped ({workers} decode processes, pool start {t_pool:.2f} s included): "
+            f"{n / overlapped_wall:.3f} images/s ({overlapped_wall:.2f} s)"
+        )
         print_fn(f"bounding stage: {bound} ({per_image[bound]:.3f} s/image)")
         return {
             "n": n,
@@ -310,8 +355,11 @@ def bench_pipeline(
             tmp.cleanup()
 
 
-def full_plan(models: Sequence[str] = FULL_MODELS, sizes: Sequence[int] = FULL_SIZES,
-              batches: Sequence[int] = FULL_BATCHES) -> list[tuple[str, int, tuple[int, ...]]]:
+def full_plan(
+    models: Sequence[str] = FULL_MODELS,
+    sizes: Sequence[int] = FULL_SIZES,
+    batches: Sequence[int] = FULL_BATCHES,
+) -> list[tuple[str, int, tuple[int, ...]]]:
     return [(m, s, tuple(batches)) for m in models for s in sizes]
 
 

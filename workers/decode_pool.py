@@ -52,8 +52,16 @@ __all__ = [
 ]
 
 GPU_TRANSFER_SYNTAXES = frozenset(
-    {JPEG2000Lossless, JPEG2000, HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K, JPEGBaseline8Bit,
-     JPEGLossless, JPEGLosslessSV1}
+    {
+        JPEG2000Lossless,
+        JPEG2000,
+        HTJ2KLossless,
+        HTJ2KLosslessRPCL,
+        HTJ2K,
+        JPEGBaseline8Bit,
+        JPEGLossless,
+        JPEGLosslessSV1,
+    }
 )
 
 _nvimgcodec_state: dict[str, Any] = {}
@@ -100,7 +108,8 @@ def decode_gpu(ds: Dataset) -> np.ndarray:
         raise GpuDecodeUnavailable(f"transfer syntax {tsyntax} is not decoded on the GPU")
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1 or photometric not in (
-        "MONOCHROME1", "MONOCHROME2"
+        "MONOCHROME1",
+        "MONOCHROME2",
     ):
         raise GpuDecodeUnavailable("only monochrome images are decoded on the GPU")
     if "PixelData" not in ds:
@@ -110,8 +119,7 @@ def decode_gpu(ds: Dataset) -> np.ndarray:
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     try:
         frame = next(generate_frames(ds.PixelData, number_of_frames=n_frames))
-        params = module.DecodeParams(allow_any_depth=True,
-                                     color_spec=module.ColorSpec.UNCHANGED)
+        params = module.DecodeParams(allow_any_depth=True, color_spec=module.ColorSpec.UNCHANGED)
         image = decoder.decode(frame, params=params)
         if image is None:
             raise RuntimeError("decoder returned nothing")

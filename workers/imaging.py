@@ -387,8 +387,13 @@ def letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, Transform]:
     else:
         t = torch.from_numpy(np.ascontiguousarray(img))[None, None]
         resized = (
-            F.interpolate(t, size=(new_h, new_w), mode="bilinear", align_corners=False,
-                          antialias=new_h < rows or new_w < cols)
+            F.interpolate(
+                t,
+                size=(new_h, new_w),
+                mode="bilinear",
+                align_corners=False,
+                antialias=new_h < rows or new_w < cols,
+            )
             .squeeze(0)
             .squeeze(0)
             .numpy()

@@ -56,14 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
     verify = models.add_parser("verify", help="check a bundle's files and checksums")
     verify.add_argument("bundle", type=Path)
 
-    imp = models.add_parser("import", help="build a bundle from a checkpoint folder "
-                            "(transformers Dinov2 or original DINOv2 layout)")
+    imp = models.add_parser(
+        "import",
+        help="build a bundle from a checkpoint folder "
+        "(transformers Dinov2 or original DINOv2 layout)",
+    )
     imp.add_argument("src", type=Path, help="checkpoint folder (or an original-layout file)")
     imp.add_argument("--out", type=Path, required=True, help="new bundle folder")
     imp.add_argument("--layout", choices=("auto", "hf", "dinov2"), default="auto")
     imp.add_argument("--weights", default=None, help="original-layout weights file name")
-    imp.add_argument("--heads", type=int, default=None,
-                     help="attention heads (original layout; default: config.json or dim/64)")
+    imp.add_argument(
+        "--heads",
+        type=int,
+        default=None,
+        help="attention heads (original layout; default: config.json or dim/64)",
+    )
     imp.add_argument("--name", default=None)
     imp.add_argument("--version", default=None)
     imp.add_argument("--size", type=int, default=None, help="input size (with --mean/--std)")
@@ -80,11 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--body-part-labels", nargs="+", default=None)
     imp.add_argument("--anatomy", default=None, help="intended anatomy, e.g. chest")
     imp.add_argument("--views", nargs="+", default=None, help="intended views, e.g. PA AP")
-    imp.add_argument("--random-weights", action="store_true",
-                     help="mark the bundle as random weights (test checkpoints)")
+    imp.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="mark the bundle as random weights (test checkpoints)",
+    )
     mode = imp.add_mutually_exclusive_group()
-    mode.add_argument("--link", dest="mode", action="store_const", const="link",
-                      help="hard-link the encoder files (copy across file systems)")
+    mode.add_argument(
+        "--link",
+        dest="mode",
+        action="store_const",
+        const="link",
+        help="hard-link the encoder files (copy across file systems)",
+    )
     mode.add_argument("--symlink", dest="mode", action="store_const", const="symlink")
     imp.set_defaults(mode="copy")
 
@@ -123,22 +138,28 @@ def build_parser() -> argparse.ArgumentParser:
             a.add_argument("--name", default=None)
             a.add_argument("--version", default=None)
         else:
-            a.add_argument("--min-group", type=int, default=5,
-                           help="smallest subgroup that can be flagged")
+            a.add_argument(
+                "--min-group", type=int, default=5, help="smallest subgroup that can be flagged"
+            )
 
     # bench ----------------------------------------------------------------------------------
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="cmd", required=True)
     enc = bench.add_parser("encoder", help="encoder images/s and TFLOP/s (random weights)")
-    enc.add_argument("--full", action="store_true",
-                     help="ViT-S/B/L x 224/518 x batch 1..64 (slow on a CPU)")
+    enc.add_argument(
+        "--full", action="store_true", help="ViT-S/B/L x 224/518 x batch 1..64 (slow on a CPU)"
+    )
     enc.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     enc.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     enc.add_argument("--models", nargs="+", default=None, help="S B L")
     enc.add_argument("--sizes", nargs="+", type=int, default=None)
     enc.add_argument("--batch", nargs="+", type=int, default=None)
     enc.add_argument("--min-time", type=float, default=1.0, help="seconds timed per point")
-    enc.add_argument("--max-call", type=float, default=30.0,
-                     help="skip a batch whose single call would exceed this many seconds")
+    enc.add_argument(
+        "--max-call",
+        type=float,
+        default=30.0,
+        help="skip a batch whose single call would exceed this many seconds",
+    )
     enc.add_argument("--json", type=Path, default=None)
     pipe = bench.add_parser("pipeline", help="end-to-end images/s from compressed DICOM")
     pipe.add_argument("--n", type=int, default=8, help="images (copies of the source)")
@@ -209,11 +230,19 @@ def _models_import(args: argparse.Namespace) -> int:
         if args.size is not None or args.mean is not None or args.std is not None:
             if args.size is None or args.mean is None or args.std is None:
                 return _fail("--size, --mean and --std go together")
-            pre = Preprocessing.from_dict({"size": args.size, "mean": _floats(args.mean),
-                                           "std": _floats(args.std)})
-        opt = ImportOptions(layout=args.layout, weights=args.weights, num_heads=args.heads,
-                            name=args.name, version=args.version, preprocessing=pre,
-                            mode=args.mode, random_weights=args.random_weights)
+            pre = Preprocessing.from_dict(
+                {"size": args.size, "mean": _floats(args.mean), "std": _floats(args.std)}
+            )
+        opt = ImportOptions(
+            layout=args.layout,
+            weights=args.weights,
+            num_heads=args.heads,
+            name=args.name,
+            version=args.version,
+            preprocessing=pre,
+            mode=args.mode,
+            random_weights=args.random_weights,
+        )
         if args.classifier is not None:
             labels = _names(args.labels)
             if not labels:
@@ -225,11 +254,13 @@ def _models_import(args: argparse.Namespace) -> int:
                 return _fail("--segmenter needs --classes")
             opt.segmenter = AdapterSource(args.segmenter, classes)
         if args.view_head is not None:
-            opt.qc["view"] = AdapterSource(args.view_head,
-                                           _names(args.view_labels) or QC_LABELS["view"])
+            opt.qc["view"] = AdapterSource(
+                args.view_head, _names(args.view_labels) or QC_LABELS["view"]
+            )
         if args.body_part_head is not None:
             opt.qc["body_part"] = AdapterSource(
-                args.body_part_head, _names(args.body_part_labels) or QC_LABELS["body_part"])
+                args.body_part_head, _names(args.body_part_labels) or QC_LABELS["body_part"]
+            )
         intended: dict[str, Any] = {}
         if args.anatomy:
             intended["anatomy"] = args.anatomy
@@ -243,11 +274,13 @@ def _models_import(args: argparse.Namespace) -> int:
     for w in opt.warnings:
         print(f"warning: {w}")
     cfg = bundle.encoder_config
-    print(f"bundle written to {out}: {bundle.name} {bundle.version}, encoder "
-          f"{bundle.encoder_format} (dim {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
-          f"{cfg.num_attention_heads} heads, {cfg.num_register_tokens} registers, patch "
-          f"{cfg.patch_size}), input {bundle.preprocessing.size} px, adapters "
-          f"{sorted(bundle.manifest.get('adapters', {}))}, sha256 {bundle.checksum}")
+    print(
+        f"bundle written to {out}: {bundle.name} {bundle.version}, encoder "
+        f"{bundle.encoder_format} (dim {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
+        f"{cfg.num_attention_heads} heads, {cfg.num_register_tokens} registers, patch "
+        f"{cfg.patch_size}), input {bundle.preprocessing.size} px, adapters "
+        f"{sorted(bundle.manifest.get('adapters', {}))}, sha256 {bundle.checksum}"
+    )
     return 0
 
 
@@ -291,10 +324,12 @@ def _models_embed(args: argparse.Namespace) -> int:
         bundle_sha256=np.array(bundle.checksum),
     )
     h, w = embs[0].grid
-    print(f"embedded {len(embs)} images with {bundle.name} {bundle.version}: CLS "
-          f"[{len(embs)}, {bundle.encoder_config.hidden_size}], patch tokens "
-          f"[{len(embs)}, {h * w}, {bundle.encoder_config.hidden_size}] (grid {h} x {w}) "
-          f"-> {args.out}" + (f"; {len(skipped)} skipped" if skipped else ""))
+    print(
+        f"embedded {len(embs)} images with {bundle.name} {bundle.version}: CLS "
+        f"[{len(embs)}, {bundle.encoder_config.hidden_size}], patch tokens "
+        f"[{len(embs)}, {h * w}, {bundle.encoder_config.hidden_size}] (grid {h} x {w}) "
+        f"-> {args.out}" + (f"; {len(skipped)} skipped" if skipped else "")
+    )
     return 0
 
 
@@ -308,11 +343,19 @@ def _adapters_train(args: argparse.Namespace) -> int:
     from workers.training.train import TrainOptions, train_adapters
 
     opt = TrainOptions(
-        test_fraction=args.test_fraction, seed=args.seed, weight_decay=args.weight_decay,
-        optimizer=args.optimizer, max_iter=args.max_iter, n_boot=args.bootstrap,
-        classes=_names(args.classes), label_columns=_names(args.label_columns),
-        cache_dir=args.cache or default_cache_dir(), device=args.device, dtype=args.dtype,
-        name=args.name, version=args.version,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+        weight_decay=args.weight_decay,
+        optimizer=args.optimizer,
+        max_iter=args.max_iter,
+        n_boot=args.bootstrap,
+        classes=_names(args.classes),
+        label_columns=_names(args.label_columns),
+        cache_dir=args.cache or default_cache_dir(),
+        device=args.device,
+        dtype=args.dtype,
+        name=args.name,
+        version=args.version,
     )
     try:
         report = train_adapters(args.bundle, args.data, args.labels, args.out, args.masks, opt)
@@ -334,9 +377,17 @@ def _adapters_audit(args: argparse.Namespace) -> int:
 
     try:
         report = audit_bundle(
-            args.bundle, args.data, args.labels, args.masks, n_boot=args.bootstrap,
-            seed=args.seed, min_group=args.min_group, cache_dir=args.cache or default_cache_dir(),
-            device=args.device, dtype=args.dtype, classes=_names(args.classes),
+            args.bundle,
+            args.data,
+            args.labels,
+            args.masks,
+            n_boot=args.bootstrap,
+            seed=args.seed,
+            min_group=args.min_group,
+            cache_dir=args.cache or default_cache_dir(),
+            device=args.device,
+            dtype=args.dtype,
+            classes=_names(args.classes),
         )
     except (BundleError, DataError) as exc:
         return _fail(f"audit failed: {exc}")
@@ -363,8 +414,9 @@ def _bench_encoder(args: argparse.Namespace) -> int:
         plan = [(m, s, batches) for m in models for s in sizes]
     else:
         plan = list(DEFAULT_PLAN)
-    results = bench_encoder(plan, device=args.device, dtype=args.dtype, min_time=args.min_time,
-                            max_call_s=args.max_call)
+    results = bench_encoder(
+        plan, device=args.device, dtype=args.dtype, min_time=args.min_time, max_call_s=args.max_call
+    )
     bench_json(str(args.json) if args.json else None, [r.to_dict() for r in results])
     return 0
 
@@ -373,9 +425,15 @@ def _bench_pipeline(args: argparse.Namespace) -> int:
     from workers.bench import bench_pipeline
     from workers.bench import write_json as bench_json
 
-    result = bench_pipeline(args.n, bundle_path=str(args.bundle) if args.bundle else None,
-                            device=args.device, dtype=args.dtype, batch_size=args.batch,
-                            workers=args.workers, source=args.source)
+    result = bench_pipeline(
+        args.n,
+        bundle_path=str(args.bundle) if args.bundle else None,
+        device=args.device,
+        dtype=args.dtype,
+        batch_size=args.batch,
+        workers=args.workers,
+        source=args.source,
+    )
     bench_json(str(args.json) if args.json else None, result)
     return 0
 

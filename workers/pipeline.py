@@ -40,13 +40,13 @@ from pacs_agent.db.models import (
     utcnow,
 )
 from pacs_agent.db.session import Database, record_event
-from pacs_agent.delivery.senders import client_tls_context
-from pacs_agent.delivery.service import deliver_job_results
+from pacs_agent.dispatching.delivery import deliver_job_results
+from pacs_agent.dispatching.senders import client_tls_context
+from pacs_agent.receiving.store import fsync_dir
 from pacs_agent.scheduling import claims as claim_rules
 from pacs_agent.scheduling import priority
 from pacs_agent.scheduling.pipelines import queue_name
 from pacs_agent.settings import Settings
-from pacs_agent.store import fsync_dir
 from workers.dicom_out.outputs import OutputOptions, build_outputs
 from workers.results import AlgorithmInfo, ImageResult
 

@@ -14,9 +14,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pacs_agent import __version__
 from pacs_agent.db.session import Database
-from pacs_agent.pull import PullWorker
+from pacs_agent.receiving.pull import PullWorker
+from pacs_agent.receiving.store import InstanceStore
 from pacs_agent.settings import Settings
-from pacs_agent.store import InstanceStore
 
 
 @dataclass
@@ -65,7 +65,7 @@ def create_app(state: AgentState) -> FastAPI:
         users,
         webhook,
     )
-    from pacs_agent.http.stow import router as stow_router
+    from pacs_agent.receiving.stow import router as stow_router
 
     app = FastAPI(
         title="pacs-agent",

@@ -154,7 +154,7 @@ class Rule(Base):
     pipeline: Mapped[str | None] = mapped_column(String(128))  # None: the default pipeline
     priority: Mapped[str | None] = mapped_column(String(16))  # stat | urgent | routine | offpeak
     destinations: Mapped[list[str]] = mapped_column(JSON, default=list)
-    # How studies this rule takes are known to be complete; see pacs_agent.routing.Completion.
+    # How studies this rule takes are known to be complete (scheduling.routing.Completion).
     completion: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     notify: Mapped[list[str]] = mapped_column(JSON, default=list)  # notification channel names
     continue_: Mapped[bool] = mapped_column("continue", Boolean, default=False)

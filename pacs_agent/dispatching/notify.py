@@ -46,7 +46,6 @@ from pacs_agent.db.models import (
     utcnow,
 )
 from pacs_agent.db.session import Database, record_event
-from pacs_agent.delivery.service import backoff_delay
 from pacs_agent.destinations import scrub
 from pacs_agent.dispatching.channels import (
     Message,
@@ -56,9 +55,10 @@ from pacs_agent.dispatching.channels import (
     check_channel_url,
     mask_url,
 )
+from pacs_agent.dispatching.delivery import backoff_delay
+from pacs_agent.receiving.store import InstanceStore, StoreError
 from pacs_agent.scheduling.priority import BROKER_NUMBER, broker_number, escalate
 from pacs_agent.settings import Settings
-from pacs_agent.store import InstanceStore, StoreError
 
 log = logging.getLogger(__name__)
 

@@ -9,10 +9,10 @@ from sqlalchemy import func, select
 
 from pacs_agent.db.models import Instance
 from pacs_agent.db.session import Database
-from pacs_agent.dimse.scp import start_scp
-from pacs_agent.ingest import Ingestor
+from pacs_agent.receiving.dimse import start_scp
+from pacs_agent.receiving.ingest import Ingestor
+from pacs_agent.receiving.store import InstanceStore
 from pacs_agent.settings import Settings
-from pacs_agent.store import InstanceStore
 from tests.support import free_port
 
 

@@ -98,11 +98,12 @@ def dinov2_key_map(cfg: ViTConfig) -> dict[str, str]:
 def normalize_dinov2_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Keep the backbone of a training checkpoint (the teacher's when both are there), strip
     its prefix and `module.`, flatten FSDP block chunks, drop projection heads."""
-    stripped = {(k[len("module."):] if k.startswith("module.") else k): v
-                for k, v in tensors.items()}
+    stripped = {
+        (k[len("module.") :] if k.startswith("module.") else k): v for k, v in tensors.items()
+    }
     for prefix in _BACKBONE_PREFIXES:
         if any(k.startswith(prefix) for k in stripped):
-            stripped = {k[len(prefix):]: v for k, v in stripped.items() if k.startswith(prefix)}
+            stripped = {k[len(prefix) :]: v for k, v in stripped.items() if k.startswith(prefix)}
             break
     out: dict[str, torch.Tensor] = {}
     for key, value in stripped.items():
@@ -173,7 +174,8 @@ def infer_dinov2_config(
                 registers > 0 if interpolate_antialias is None else interpolate_antialias
             ),
             interpolate_offset=(
-                (0.0 if registers > 0 else 0.1) if interpolate_offset is None
+                (0.0 if registers > 0 else 0.1)
+                if interpolate_offset is None
                 else interpolate_offset
             ),
         )
@@ -213,8 +215,9 @@ def map_dinov2_state_dict(
                 continue
             qkv = tensors[key]
             if qkv.shape[0] != 3 * d:
-                raise Dinov2LoadError(f"{source}: {key} has shape {tuple(qkv.shape)}, "
-                                      f"expected [{3 * d}, ...]")
+                raise Dinov2LoadError(
+                    f"{source}: {key} has shape {tuple(qkv.shape)}, expected [{3 * d}, ...]"
+                )
             q_part, k_part, v_part = qkv.chunk(3, dim=0)
             out[f"{b}attn.q.{p}"] = q_part
             out[f"{b}attn.k.{p}"] = k_part
@@ -296,9 +299,14 @@ def load_dinov2_original(
     except RuntimeError as exc:  # shape mismatches
         raise Dinov2LoadError(f"{file.name}: {exc}") from exc
     model.eval()
-    log.info("loaded original-layout DINOv2 encoder %s: dim %d, %d layers, %d heads, %d registers",
-             file.name, cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads,
-             cfg.num_register_tokens)
+    log.info(
+        "loaded original-layout DINOv2 encoder %s: dim %d, %d layers, %d heads, %d registers",
+        file.name,
+        cfg.hidden_size,
+        cfg.num_hidden_layers,
+        cfg.num_attention_heads,
+        cfg.num_register_tokens,
+    )
     return model, cfg
 
 

@@ -94,7 +94,7 @@ class ImportOptions:
 
 
 def detect_layout(src: Path) -> str:
-    """"hf" when the folder has a transformers Dinov2 checkpoint, else "dinov2" when it has an
+    """ "hf" when the folder has a transformers Dinov2 checkpoint, else "dinov2" when it has an
     original-layout weights file; raises otherwise."""
     if src.is_file():
         return "dinov2"
@@ -113,8 +113,10 @@ def detect_layout(src: Path) -> str:
     for ext in (".pth", ".pt"):
         if list(src.glob(f"*{ext}")):
             return "dinov2"
-    raise BundleError(f"{src}: neither a transformers Dinov2 folder ({CONFIG_FILE} + "
-                      f"{WEIGHTS_FILE}) nor an original DINOv2 weights file")
+    raise BundleError(
+        f"{src}: neither a transformers Dinov2 folder ({CONFIG_FILE} + "
+        f"{WEIGHTS_FILE}) nor an original DINOv2 weights file"
+    )
 
 
 def _original_weights_file(src: Path, name: str | None) -> Path:
@@ -145,8 +147,9 @@ def _heads_from_hf_config(folder: Path) -> tuple[int | None, float | None]:
         return None, None
 
 
-def import_bundle(src: str | os.PathLike[str], out: str | os.PathLike[str],
-                  options: ImportOptions | None = None) -> Path:
+def import_bundle(
+    src: str | os.PathLike[str], out: str | os.PathLike[str], options: ImportOptions | None = None
+) -> Path:
     opt = options or ImportOptions()
     source = Path(src)
     root = Path(out)
@@ -172,11 +175,13 @@ def import_bundle(src: str | os.PathLike[str], out: str | os.PathLike[str],
             weights = _original_weights_file(source, opt.weights)
             heads, eps = _heads_from_hf_config(folder)
             tensors = normalize_dinov2_keys(read_dinov2_tensors(weights))
-            cfg = infer_dinov2_config(tensors, num_heads=opt.num_heads or heads,
-                                      layer_norm_eps=eps or 1e-6)
+            cfg = infer_dinov2_config(
+                tensors, num_heads=opt.num_heads or heads, layer_norm_eps=eps or 1e-6
+            )
             model = DinoViT(cfg)
-            model.load_state_dict(map_dinov2_state_dict(tensors, cfg, source=weights.name),
-                                  strict=True)
+            model.load_state_dict(
+                map_dinov2_state_dict(tensors, cfg, source=weights.name), strict=True
+            )
             if weights.suffix == ".safetensors":
                 dst = place_file(weights, root / "encoder" / weights.name, opt.mode)
             else:  # a pickle-format checkpoint is never shipped: convert it
@@ -186,11 +191,17 @@ def import_bundle(src: str | os.PathLike[str], out: str | os.PathLike[str],
                 save_file(to_dinov2_state_dict(model), str(dst), metadata={"format": "pt"})
             enc_files[dst.name] = sha256_file(dst)
             if (folder / PREPROCESSOR_FILE).is_file():
-                pdst = place_file(folder / PREPROCESSOR_FILE,
-                                  root / "encoder" / PREPROCESSOR_FILE, opt.mode)
+                pdst = place_file(
+                    folder / PREPROCESSOR_FILE, root / "encoder" / PREPROCESSOR_FILE, opt.mode
+                )
                 enc_files[PREPROCESSOR_FILE] = sha256_file(pdst)
-            encoder_entry = {"format": ORIGINAL_FORMAT, "path": "encoder", "weights": dst.name,
-                             "config": cfg.to_dict(), "files": enc_files}
+            encoder_entry = {
+                "format": ORIGINAL_FORMAT,
+                "path": "encoder",
+                "weights": dst.name,
+                "config": cfg.to_dict(),
+                "files": enc_files,
+            }
     except (HFLoadError, Dinov2LoadError) as exc:
         raise BundleError(f"{source}: {exc}") from exc
     except RuntimeError as exc:
@@ -199,27 +210,29 @@ def import_bundle(src: str | os.PathLike[str], out: str | os.PathLike[str],
     preprocessing = _preprocessing(opt, folder, cfg)
     adapters: dict[str, Any] = {}
     if opt.classifier is not None:
-        head = _load_head(opt.classifier.path, ClassificationHead(cfg.hidden_size,
-                                                                  len(opt.classifier.labels)))
+        head = _load_head(
+            opt.classifier.path, ClassificationHead(cfg.hidden_size, len(opt.classifier.labels))
+        )
         thresholds = opt.classifier.thresholds or [0.5] * len(opt.classifier.labels)
         if len(thresholds) != len(opt.classifier.labels):
             raise BundleError("give one threshold per classifier label")
-        adapters["classifier"] = save_adapter(head, root, "classifier",
-                                              labels=opt.classifier.labels,
-                                              thresholds=thresholds)
+        adapters["classifier"] = save_adapter(
+            head, root, "classifier", labels=opt.classifier.labels, thresholds=thresholds
+        )
     if opt.segmenter is not None:
-        seg = _load_head(opt.segmenter.path, LinearSegHead(cfg.hidden_size,
-                                                           len(opt.segmenter.labels)))
-        adapters["segmenter"] = save_adapter(seg, root, "segmenter",
-                                             classes=opt.segmenter.labels)
+        seg = _load_head(
+            opt.segmenter.path, LinearSegHead(cfg.hidden_size, len(opt.segmenter.labels))
+        )
+        adapters["segmenter"] = save_adapter(seg, root, "segmenter", classes=opt.segmenter.labels)
     for task, spec in opt.qc.items():
         if task not in QC_TASKS:
             raise BundleError(f"unknown QC head {task!r} (known: {list(QC_TASKS)})")
         qc = _load_head(spec.path, ClassificationHead(cfg.hidden_size, len(spec.labels)))
         adapters[task] = save_adapter(qc, root, task, labels=spec.labels)
 
-    weights_digest = next(v for k, v in enc_files.items() if k != PREPROCESSOR_FILE
-                          and k != CONFIG_FILE)
+    weights_digest = next(
+        v for k, v in enc_files.items() if k != PREPROCESSOR_FILE and k != CONFIG_FILE
+    )
     manifest: dict[str, Any] = {
         "name": opt.name or source.name,
         "version": opt.version or f"imported-{weights_digest[:8]}",
@@ -245,8 +258,10 @@ def _preprocessing(opt: ImportOptions, folder: Path, cfg: ViTConfig) -> Preproce
             return read_preprocessing(folder / PREPROCESSOR_FILE)
         except HFLoadError as exc:
             raise BundleError(str(exc)) from exc
-    msg = (f"no {PREPROCESSOR_FILE}: using ImageNet mean/std at {cfg.image_size} px; pass "
-           f"--size/--mean/--std if the encoder was trained otherwise")
+    msg = (
+        f"no {PREPROCESSOR_FILE}: using ImageNet mean/std at {cfg.image_size} px; pass "
+        f"--size/--mean/--std if the encoder was trained otherwise"
+    )
     log.warning(msg)
     opt.warnings.append(msg)
     return Preprocessing(size=cfg.image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD)

@@ -113,18 +113,33 @@ class ViTConfig:
 
     @classmethod
     def vit_small(cls, image_size: int = 518, **kw: object) -> ViTConfig:
-        return cls(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
-                   image_size=image_size, **kw)  # type: ignore[arg-type]
+        return cls(
+            hidden_size=384,
+            num_hidden_layers=12,
+            num_attention_heads=6,
+            image_size=image_size,
+            **kw,
+        )  # type: ignore[arg-type]
 
     @classmethod
     def vit_base(cls, image_size: int = 518, **kw: object) -> ViTConfig:
-        return cls(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                   image_size=image_size, **kw)  # type: ignore[arg-type]
+        return cls(
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            image_size=image_size,
+            **kw,
+        )  # type: ignore[arg-type]
 
     @classmethod
     def vit_large(cls, image_size: int = 518, **kw: object) -> ViTConfig:
-        return cls(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                   image_size=image_size, **kw)  # type: ignore[arg-type]
+        return cls(
+            hidden_size=1024,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=image_size,
+            **kw,
+        )  # type: ignore[arg-type]
 
 
 @dataclass
@@ -265,8 +280,10 @@ class DinoViT(nn.Module):
                 antialias=self.cfg.interpolate_antialias,
             ).to(target_dtype)
             if tuple(patch_pos.shape[-2:]) != (new_h, new_w):
-                raise RuntimeError(f"position embeddings resized to {tuple(patch_pos.shape[-2:])}, "
-                                   f"expected {(new_h, new_w)}")
+                raise RuntimeError(
+                    f"position embeddings resized to {tuple(patch_pos.shape[-2:])}, "
+                    f"expected {(new_h, new_w)}"
+                )
         else:
             patch_pos = F.interpolate(
                 patch_pos.to(torch.float32),

@@ -39,10 +39,15 @@ class AuditRow:
     flagged: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {"metric": self.metric, "target": self.target, "attribute": self.attribute,
-                "group": self.group, **self.estimate.to_dict(),
-                "gap": None if self.gap is None or not math.isfinite(self.gap) else self.gap,
-                "flagged": self.flagged}
+        return {
+            "metric": self.metric,
+            "target": self.target,
+            "attribute": self.attribute,
+            "group": self.group,
+            **self.estimate.to_dict(),
+            "gap": None if self.gap is None or not math.isfinite(self.gap) else self.gap,
+            "flagged": self.flagged,
+        }
 
 
 @dataclass
@@ -56,22 +61,29 @@ class AuditReport:
         return [r for r in self.rows if r.flagged]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"bundle": self.bundle, "n_images": self.n_images,
-                "rows": [r.to_dict() for r in self.rows],
-                "flagged": [r.to_dict() for r in self.flagged]}
+        return {
+            "bundle": self.bundle,
+            "n_images": self.n_images,
+            "rows": [r.to_dict() for r in self.rows],
+            "flagged": [r.to_dict() for r in self.flagged],
+        }
 
     def table(self) -> str:
-        head = (f"{'metric':<6} {'target':<22} {'attribute':<12} {'group':<12} {'n':>4} "
-                f"{'pos':>4} {'value':>6}  {'95% CI':<15} {'gap':>7}  flag")
+        head = (
+            f"{'metric':<6} {'target':<22} {'attribute':<12} {'group':<12} {'n':>4} "
+            f"{'pos':>4} {'value':>6}  {'95% CI':<15} {'gap':>7}  flag"
+        )
         lines = [f"subgroup audit of {self.bundle}: {self.n_images} images", head]
         for r in self.rows:
             e = r.estimate
             ci = f"[{_f(e.lo)}, {_f(e.hi)}]"
             gap = "" if r.gap is None or not math.isfinite(r.gap) else f"{r.gap:+.3f}"
             pos = "" if e.n_pos is None else str(e.n_pos)
-            lines.append(f"{r.metric:<6} {r.target[:22]:<22} {r.attribute:<12} "
-                         f"{r.group[:12]:<12} {e.n:>4} {pos:>4} {_f(e.value):>6}  {ci:<15} "
-                         f"{gap:>7}  {'FLAG' if r.flagged else ''}")
+            lines.append(
+                f"{r.metric:<6} {r.target[:22]:<22} {r.attribute:<12} "
+                f"{r.group[:12]:<12} {e.n:>4} {pos:>4} {_f(e.value):>6}  {ci:<15} "
+                f"{gap:>7}  {'FLAG' if r.flagged else ''}"
+            )
         return "\n".join(lines)
 
 
@@ -96,8 +108,9 @@ def audit_bundle(
     bundle = load_bundle(bundle_path)
     if bundle.classifier is None and bundle.segmenter is None:
         raise BundleError(f"bundle {bundle.name} has no classifier or segmenter to audit")
-    data = load_labelled_set(data_dir, labels_csv, masks_dir,
-                             classes=classes or (bundle.seg_classes or None))
+    data = load_labelled_set(
+        data_dir, labels_csv, masks_dir, classes=classes or (bundle.seg_classes or None)
+    )
     columns = [lab for lab in data.labels if lab in bundle.labels]
     if bundle.classifier is not None and not columns and not data.classes:
         raise DataError(f"no CSV column matches the bundle's labels {bundle.labels}")
@@ -121,8 +134,14 @@ def audit_bundle(
 
     if bundle.segmenter is not None and data.classes:
         idx = np.array([i for i, s in enumerate(data.samples) if s.mask_path is not None])
-        per_image = dice_per_image(bundle.segmenter, feats, data, idx,
-                                   bundle.preprocessing.size, bundle.encoder_config.patch_size)
+        per_image = dice_per_image(
+            bundle.segmenter,
+            feats,
+            data,
+            idx,
+            bundle.preprocessing.size,
+            bundle.encoder_config.patch_size,
+        )
         for cls, (where, dice_values) in per_image.items():
             v = np.array(dice_values)
             overall = mean_estimate(v, n_boot, seed)
@@ -136,8 +155,15 @@ def audit_bundle(
     return report
 
 
-def _row(metric: str, target: str, attr: str, group: str, est: Estimate, overall: Estimate,
-         min_group: int) -> AuditRow:
+def _row(
+    metric: str,
+    target: str,
+    attr: str,
+    group: str,
+    est: Estimate,
+    overall: Estimate,
+    min_group: int,
+) -> AuditRow:
     gap = est.value - overall.value
     flagged = est.n >= min_group and math.isfinite(overall.value) and est.excludes(overall.value)
     return AuditRow(metric, target, attr, str(group), est, gap, flagged)

@@ -42,8 +42,13 @@ __all__ = [
 
 KEY_COLUMNS = ("sop_instance_uid", "sop", "sopinstanceuid", "file", "filename", "path")
 META_COLUMNS = ("split", "patient_id", "patientid")
-AGE_BANDS = ((0, 18, "<18"), (18, 40, "18-39"), (40, 60, "40-59"), (60, 80, "60-79"),
-             (80, 200, "80+"))
+AGE_BANDS = (
+    (0, 18, "<18"),
+    (18, 40, "18-39"),
+    (40, 60, "40-59"),
+    (60, 80, "60-79"),
+    (80, 200, "80+"),
+)
 SUBGROUP_ATTRIBUTES = ("sex", "age_band", "manufacturer", "view")
 _TRUE = {"1", "1.0", "true", "yes", "y", "t"}
 _FALSE = {"0", "0.0", "false", "no", "n", "f"}
@@ -212,8 +217,17 @@ def load_labelled_set(
         split = (row.get(split_col) or "").strip().lower() if split_col else ""
         if split and split not in ("train", "test"):
             raise DataError(f"{csv_path.name} row {i}: split {split!r} is not train or test")
-        samples.append(Sample(path=path, sop=sop, sha256=_sha256(path), labels=labels,
-                              tags=subgroup_tags(ds), group=group, split=split or None))
+        samples.append(
+            Sample(
+                path=path,
+                sop=sop,
+                sha256=_sha256(path),
+                labels=labels,
+                tags=subgroup_tags(ds),
+                group=group,
+                split=split or None,
+            )
+        )
     if not samples:
         raise DataError(f"{csv_path.name}: no rows")
 
@@ -233,8 +247,12 @@ def load_labelled_set(
         if classes is not None and len(classes) < n_classes:
             raise DataError(f"masks hold {n_classes} classes but {len(classes)} names are given")
         found_classes = list(classes) if classes else [f"class {k + 1}" for k in range(n_classes)]
-    log.info("data set: %d images, labels %s, %d with masks", len(samples), label_columns,
-             sum(s.mask_path is not None for s in samples))
+    log.info(
+        "data set: %d images, labels %s, %d with masks",
+        len(samples),
+        label_columns,
+        sum(s.mask_path is not None for s in samples),
+    )
     return LabelledSet(samples=samples, labels=list(label_columns), classes=found_classes)
 
 
@@ -273,8 +291,9 @@ def read_mask(path: Path, shape: tuple[int, int], n_classes: int | None = None) 
     elif arr.ndim == 3:
         stack = arr.astype(bool)
     else:
-        raise DataError(f"mask {path.name}: shape {arr.shape} is not [rows, cols] or "
-                        "[C, rows, cols]")
+        raise DataError(
+            f"mask {path.name}: shape {arr.shape} is not [rows, cols] or [C, rows, cols]"
+        )
     if tuple(stack.shape[1:]) != tuple(shape):
         raise DataError(f"mask {path.name}: {stack.shape[1:]} does not match the image {shape}")
     if n_classes is not None and stack.shape[0] < n_classes:

@@ -58,9 +58,15 @@ def fit_linear(
         return per_label.sum() + weight_decay * (w * w).sum()
 
     if optimizer == "lbfgs":
-        opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20,
-                                tolerance_grad=1e-6, tolerance_change=1e-9,
-                                line_search_fn="strong_wolfe")
+        opt = torch.optim.LBFGS(
+            [w, b],
+            lr=1.0,
+            max_iter=max_iter,
+            history_size=20,
+            tolerance_grad=1e-6,
+            tolerance_change=1e-9,
+            line_search_fn="strong_wolfe",
+        )
 
         def closure() -> torch.Tensor:
             opt.zero_grad()
@@ -80,8 +86,14 @@ def fit_linear(
         final = float(loss_fn())
         weight = w / sigma  # fold the standardisation back in
         bias = b - (w * (mu / sigma)).sum(1)
-    log.info("linear head fitted (%s): %d samples, %d features, %d outputs, loss %.4f",
-             optimizer, xt.shape[0], xt.shape[1], yt.shape[1], final)
+    log.info(
+        "linear head fitted (%s): %d samples, %d features, %d outputs, loss %.4f",
+        optimizer,
+        xt.shape[0],
+        xt.shape[1],
+        yt.shape[1],
+        final,
+    )
     return weight.numpy(), bias.numpy()
 
 

@@ -27,8 +27,10 @@ class Estimate:
         return math.isfinite(self.lo) and math.isfinite(self.hi) and not self.lo <= x <= self.hi
 
     def to_dict(self) -> dict[str, float | int | None]:
-        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                for k, v in asdict(self).items()}
+        return {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in asdict(self).items()
+        }
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
@@ -78,8 +80,9 @@ def bootstrap_ci(
     return float(lo), float(hi)
 
 
-def auroc_estimate(y_true: np.ndarray, score: np.ndarray, n_boot: int = 1000, seed: int = 0
-                   ) -> Estimate:
+def auroc_estimate(
+    y_true: np.ndarray, score: np.ndarray, n_boot: int = 1000, seed: int = 0
+) -> Estimate:
     y = np.asarray(y_true).astype(bool).ravel()
     s = np.asarray(score, dtype=np.float64).ravel()
     lo, hi = bootstrap_ci(lambda idx: auroc(y[idx], s[idx]), len(y), n_boot, seed)

@@ -73,14 +73,20 @@ class TrainReport:
         }
 
     def table(self) -> str:
-        lines = [f"held-out evaluation: {self.n_train} train / {self.n_test} test images",
-                 f"{'label':<28} {'metric':<6} {'value':>6}  {'95% CI':<15} {'n':>4} {'pos':>4}"]
+        lines = [
+            f"held-out evaluation: {self.n_train} train / {self.n_test} test images",
+            f"{'label':<28} {'metric':<6} {'value':>6}  {'95% CI':<15} {'n':>4} {'pos':>4}",
+        ]
         for label, e in self.auroc.items():
-            lines.append(f"{label:<28} {'AUROC':<6} {_f(e.value):>6}  "
-                         f"[{_f(e.lo)}, {_f(e.hi)}]{'':<1} {e.n:>4} {e.n_pos or 0:>4}")
+            lines.append(
+                f"{label:<28} {'AUROC':<6} {_f(e.value):>6}  "
+                f"[{_f(e.lo)}, {_f(e.hi)}]{'':<1} {e.n:>4} {e.n_pos or 0:>4}"
+            )
         for cls, e in self.dice.items():
-            lines.append(f"{cls:<28} {'Dice':<6} {_f(e.value):>6}  "
-                         f"[{_f(e.lo)}, {_f(e.hi)}]{'':<1} {e.n:>4} {'':>4}")
+            lines.append(
+                f"{cls:<28} {'Dice':<6} {_f(e.value):>6}  "
+                f"[{_f(e.lo)}, {_f(e.hi)}]{'':<1} {e.n:>4} {'':>4}"
+            )
         return "\n".join(lines)
 
 
@@ -118,8 +124,12 @@ def segment_logits(head: torch.nn.Module, patches: np.ndarray) -> np.ndarray:
 
 
 def dice_per_image(
-    head: torch.nn.Module, feats: FeatureTable, data: LabelledSet, indices: np.ndarray,
-    size: int, patch: int,
+    head: torch.nn.Module,
+    feats: FeatureTable,
+    data: LabelledSet,
+    indices: np.ndarray,
+    size: int,
+    patch: int,
 ) -> dict[str, tuple[list[int], list[float]]]:
     """(image indices, Dice values) of each class at source resolution, on every image whose
     mask holds that class (an image without the class says nothing about overlap; false
@@ -152,19 +162,28 @@ def train_adapters(
 ) -> TrainReport:
     opt = options or TrainOptions()
     bundle = load_bundle(bundle_path)
-    data = load_labelled_set(data_dir, labels_csv, masks_dir, label_columns=opt.label_columns,
-                             classes=opt.classes)
-    feats = extract_features(bundle, data.samples, opt.cache_dir, device=opt.device,
-                             dtype=opt.dtype, batch_size=opt.batch_size)
+    data = load_labelled_set(
+        data_dir, labels_csv, masks_dir, label_columns=opt.label_columns, classes=opt.classes
+    )
+    feats = extract_features(
+        bundle,
+        data.samples,
+        opt.cache_dir,
+        device=opt.device,
+        dtype=opt.dtype,
+        batch_size=opt.batch_size,
+    )
     train, test = split_indices(data.samples, opt.test_fraction, opt.seed)
     cfg = bundle.encoder_config
     x = feats.image_features
     y = data.y
-    fit_kw: dict[str, Any] = dict(weight_decay=opt.weight_decay, optimizer=opt.optimizer,
-                                  max_iter=opt.max_iter, seed=opt.seed)
+    fit_kw: dict[str, Any] = dict(
+        weight_decay=opt.weight_decay, optimizer=opt.optimizer, max_iter=opt.max_iter, seed=opt.seed
+    )
     out_root = Path(out)
-    report = TrainReport(bundle=out_root, n_train=len(train), n_test=len(test),
-                         cache_hits=feats.cache_hits)
+    report = TrainReport(
+        bundle=out_root, n_train=len(train), n_test=len(test), cache_hits=feats.cache_hits
+    )
 
     # classifier
     for k, label in enumerate(data.labels):
@@ -177,12 +196,14 @@ def train_adapters(
     for k, label in enumerate(data.labels):
         report.thresholds[label] = round(youden_threshold(y[train, k], p_train[:, k]), 6)
         ok = np.isfinite(y[test, k])
-        report.auroc[label] = auroc_estimate(y[test, k][ok], p_test[ok, k], opt.n_boot,
-                                             opt.seed)
+        report.auroc[label] = auroc_estimate(y[test, k][ok], p_test[ok, k], opt.n_boot, opt.seed)
 
     new_adapters: dict[str, dict[str, Any]] = {
         "classifier": save_adapter(
-            classifier, out_root, "classifier", labels=data.labels,
+            classifier,
+            out_root,
+            "classifier",
+            labels=data.labels,
             thresholds=[report.thresholds[lab] for lab in data.labels],
         )
     }
@@ -193,19 +214,28 @@ def train_adapters(
         with_mask = np.array([i for i in train if data.samples[i].mask_path is not None])
         if len(with_mask) == 0:
             raise DataError("no training image has a mask")
-        targets = np.stack([
-            mask_targets(read_mask(data.samples[i].mask_path,  # type: ignore[arg-type]
-                                   feats.shapes[i], len(data.classes)),
-                         size, feats.grid, patch)
-            for i in with_mask
-        ])
-        segmenter = train_segmenter(feats.patches[with_mask], targets, cfg.hidden_size,
-                                    **fit_kw)
+        targets = np.stack(
+            [
+                mask_targets(
+                    read_mask(
+                        data.samples[i].mask_path,  # type: ignore[arg-type]
+                        feats.shapes[i],
+                        len(data.classes),
+                    ),
+                    size,
+                    feats.grid,
+                    patch,
+                )
+                for i in with_mask
+            ]
+        )
+        segmenter = train_segmenter(feats.patches[with_mask], targets, cfg.hidden_size, **fit_kw)
         per_image = dice_per_image(segmenter, feats, data, test, size, patch)
         for c, (_, values) in per_image.items():
             report.dice[c] = mean_estimate(np.array(values), opt.n_boot, opt.seed)
-        new_adapters["segmenter"] = save_adapter(segmenter, out_root, "segmenter",
-                                                 classes=data.classes)
+        new_adapters["segmenter"] = save_adapter(
+            segmenter, out_root, "segmenter", classes=data.classes
+        )
 
     digest = hashlib.sha256(
         "".join(a["sha256"] for a in new_adapters.values()).encode()
@@ -216,7 +246,7 @@ def train_adapters(
         "version": opt.version or f"{parent_version}+adapters.{digest}",
         "training": {
             "recipe": "linear probe on frozen features (CLS + mean patch token; patch tokens "
-                      "for segmentation), standardised, BCE + L2",
+            "for segmentation), standardised, BCE + L2",
             "optimizer": opt.optimizer,
             "weight_decay": opt.weight_decay,
             "seed": opt.seed,
@@ -227,8 +257,9 @@ def train_adapters(
         },
         "evaluation": report.to_dict(),
     }
-    write_derived_bundle(bundle.root, out_root, new_adapters=new_adapters, updates=updates,
-                         mode=opt.link_mode)
+    write_derived_bundle(
+        bundle.root, out_root, new_adapters=new_adapters, updates=updates, mode=opt.link_mode
+    )
     load_bundle(out_root)  # the result must verify and load
     log.info("trained bundle written to %s", out_root)
     return report

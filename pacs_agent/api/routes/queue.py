@@ -15,9 +15,9 @@ from sqlalchemy.orm import Session
 
 from pacs_agent.api.deps import AUTH_RESPONSES, DbSession, Operator, Viewer, get_state
 from pacs_agent.audit import record_audit
-from pacs_agent.completion import SUSPEND_FLAG, processing_suspended
 from pacs_agent.db.models import AgentFlag, Job, JobStatus, utcnow
 from pacs_agent.scheduling import priority
+from pacs_agent.scheduling.dispatch import SUSPEND_FLAG, processing_suspended
 from pacs_agent.scheduling.pipelines import QUEUE_PREFIX, live_workers
 
 log = logging.getLogger(__name__)

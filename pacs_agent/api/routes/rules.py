@@ -29,8 +29,9 @@ from pacs_agent.api.deps import AUTH_RESPONSES, Admin, Viewer, get_state
 from pacs_agent.db.models import Rule, Study
 from pacs_agent.destinations import mask
 from pacs_agent.dicom_facts import RejectedDataset, examine
-from pacs_agent.ingest import parse_part10
-from pacs_agent.routing import (
+from pacs_agent.receiving.ingest import parse_part10
+from pacs_agent.scheduling import rules as engine
+from pacs_agent.scheduling.routing import (
     Decision,
     Router,
     StudyFacts,
@@ -38,7 +39,6 @@ from pacs_agent.routing import (
     fallback_rule,
     study_facts,
 )
-from pacs_agent.scheduling import rules as engine
 from pacs_agent.scheduling.rules import (
     CompiledRule,
     FallbackSpec,

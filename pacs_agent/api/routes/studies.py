@@ -22,7 +22,6 @@ from pacs_agent.api.deps import (
 )
 from pacs_agent.api.routes.jobs import reset_failed_deliveries
 from pacs_agent.audit import record_audit
-from pacs_agent.completion import complete_study
 from pacs_agent.db.models import (
     Event,
     Instance,
@@ -37,6 +36,7 @@ from pacs_agent.db.session import record_event
 from pacs_agent.destinations import NAME_RE
 from pacs_agent.dispatching.notify import study_notifications
 from pacs_agent.scheduling import priority as prio
+from pacs_agent.scheduling.completion import complete_study
 
 router = APIRouter(tags=["studies"])
 

@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request
 
 from pacs_agent.api.deps import get_state
-from pacs_agent.pull import PullRequest
+from pacs_agent.receiving.pull import PullRequest
 from pacs_agent.webhook_auth import SIGNATURE_HEADER, TIMESTAMP_HEADER, WebhookAuthError, verify
 
 log = logging.getLogger(__name__)

@@ -45,7 +45,7 @@ from pacs_agent.dicom_facts import (
     STATUS_PROCESSING_FAILURE,
     RejectedDataset,
 )
-from pacs_agent.ingest import Ingestor, Peer
+from pacs_agent.receiving.ingest import Ingestor, Peer
 from pacs_agent.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from sqlalchemy import select
 
 from pacs_agent.db.models import Delivery, DeliveryStatus, Result, utcnow
 from pacs_agent.db.session import Database, record_event
-from pacs_agent.delivery.senders import redact, sender_for
+from pacs_agent.dispatching.senders import redact, sender_for
 
 log = logging.getLogger(__name__)
 

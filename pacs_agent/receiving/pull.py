@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from orthanc_api_client import OrthancApiClient
@@ -13,7 +14,7 @@ from sqlalchemy import select
 from pacs_agent.db.models import Result
 from pacs_agent.db.session import Database, record_event
 from pacs_agent.dicom_facts import RejectedDataset
-from pacs_agent.ingest import Ingestor, mark_complete_now, parse_part10, study_id_for
+from pacs_agent.receiving.ingest import Ingestor, parse_part10, study_id_for
 from pacs_agent.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,14 @@ class PullReport:
 
 
 def pull_study(
-    client: OrthancApiClient, db: Database, ingestor: Ingestor, req: PullRequest
+    client: OrthancApiClient,
+    db: Database,
+    ingestor: Ingestor,
+    req: PullRequest,
+    complete: Callable[[str, str], object] | None = None,
 ) -> PullReport:
+    """Pull one study's instances from Orthanc and ingest them; ``complete(study_uid, why)``
+    completes the study at once (Orthanc already waited for it to be stable)."""
     report = PullReport()
     instances = client.get_json(f"studies/{req.orthanc_study_id}/instances")
     with db.session() as s:
@@ -66,8 +73,6 @@ def pull_study(
         else:
             report.stored += 1
     if study_uid:
-        # Orthanc already waited for the study to be stable: no second quiet period here.
-        mark_complete_now(db, study_uid)
         with db.session() as s:
             sid = study_id_for(s, study_uid)
             if sid is not None:
@@ -79,13 +84,23 @@ def pull_study(
                     f"{report.refused} refused",
                     study_id=sid,
                 )
+        # Orthanc already waited for the study to be stable: no second quiet period here.
+        if complete is not None:
+            complete(study_uid, f"stable in Orthanc (study {req.orthanc_study_id})")
     return report
 
 
 class PullWorker:
     """Pulls studies one at a time off the webhook's thread, so the webhook answers at once."""
 
-    def __init__(self, settings: Settings, db: Database, ingestor: Ingestor) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        ingestor: Ingestor,
+        complete: Callable[[str, str], object] | None = None,
+    ) -> None:
+        self.complete = complete
         self.client = OrthancApiClient(
             settings.orthanc_url, user=settings.orthanc_username, pwd=settings.orthanc_password
         )
@@ -111,7 +126,7 @@ class PullWorker:
                 return
             for attempt in range(1, 4):
                 try:
-                    report = pull_study(self.client, self.db, self.ingestor, req)
+                    report = pull_study(self.client, self.db, self.ingestor, req, self.complete)
                     log.info("pulled orthanc study %s: %s", req.orthanc_study_id, report)
                     break
                 except Exception as exc:

@@ -1,4 +1,4 @@
-"""Start-up repair of the instance store, and the retention policy.
+"""Start-up repair of the instance store (retention lives in ``pacs_agent.cleaning.retention``).
 
 A crash between fsyncing an instance file and committing its row leaves a file without a row:
 it is indexed at start-up (the sender got no success, so it may also send it again, which is
@@ -7,18 +7,16 @@ idempotent). A row whose file disappeared is marked, never silently used.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
-import shutil
 from dataclasses import dataclass
 
 from sqlalchemy import select
 
-from pacs_agent.db.models import Instance, Study, StudyStatus, utcnow
+from pacs_agent.db.models import Instance, Study
 from pacs_agent.db.session import Database, record_event
 from pacs_agent.dicom_facts import RejectedDataset
-from pacs_agent.ingest import Ingestor, parse_part10
-from pacs_agent.store import InstanceStore
+from pacs_agent.receiving.ingest import Ingestor, parse_part10
+from pacs_agent.receiving.store import InstanceStore
 
 log = logging.getLogger(__name__)
 
@@ -79,33 +77,3 @@ def repair_store(db: Database, store: InstanceStore, ingestor: Ingestor) -> Repa
     if report.indexed or report.missing or report.unreadable or report.temp_removed:
         log.warning("store repair: %s", report)
     return report
-
-
-def purge_expired(db: Database, store: InstanceStore, retention_days: float) -> int:
-    """Remove the instance files of studies finished more than ``retention_days`` ago."""
-    if retention_days <= 0:
-        return 0
-    cutoff = utcnow() - dt.timedelta(days=retention_days)
-    finished = (StudyStatus.DONE.value, StudyStatus.SKIPPED.value, StudyStatus.FAILED.value)
-    with db.session() as s:
-        expired = list(
-            s.scalars(
-                select(Study).where(
-                    Study.status.in_(finished),
-                    Study.completed_at < cutoff,
-                    Study.purged_at.is_(None),
-                )
-            )
-        )
-        for study in expired:
-            folder = store.root / study.study_instance_uid
-            if folder.is_dir():
-                shutil.rmtree(folder)
-            study.purged_at = utcnow()
-            record_event(
-                s,
-                "study.purged",
-                f"instance files removed after {retention_days:g} days",
-                study_id=study.id,
-            )
-    return len(expired)

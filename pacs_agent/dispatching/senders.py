@@ -25,7 +25,7 @@ from urllib.parse import unquote, urlparse
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from pacs_agent.store import fsync_dir
+from pacs_agent.receiving.store import fsync_dir
 
 # C-STORE statuses that mean "stored" (0xB000/0xB006/0xB007 are warnings, still stored).
 _STORED = {0x0000, 0xB000, 0xB006, 0xB007}

@@ -33,8 +33,8 @@ from pacs_agent.dicom_facts import (
     STATUS_PROCESSING_FAILURE,
     RejectedDataset,
 )
-from pacs_agent.dimse.scp import TRANSFER_SYNTAXES
-from pacs_agent.ingest import Ingestor, parse_part10
+from pacs_agent.receiving.dimse import TRANSFER_SYNTAXES
+from pacs_agent.receiving.ingest import Ingestor, parse_part10
 from pacs_agent.security import SERVICE_ROLE
 
 log = logging.getLogger(__name__)

@@ -17,6 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from pacs_agent.db.models import Destination, Instance, Rule, Series, Study
+from pacs_agent.receiving.store import InstanceStore
 from pacs_agent.scheduling.priority import more_urgent
 from pacs_agent.scheduling.rules import (
     FALLBACK,
@@ -35,7 +36,6 @@ from pacs_agent.scheduling.rules import (
     load_rules,
     record_rule_errors,
 )
-from pacs_agent.store import InstanceStore
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,6 @@ The caller is told "stored" only after the file is fsynced and its row committed
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import io
 import logging
@@ -31,8 +30,8 @@ from pacs_agent.dicom_facts import (
     RejectedDataset,
     examine,
 )
+from pacs_agent.receiving.store import InstanceStore, StoredFile
 from pacs_agent.scheduling.priority import more_urgent
-from pacs_agent.store import InstanceStore, StoredFile
 
 log = logging.getLogger(__name__)
 
@@ -317,19 +316,6 @@ class Ingestor:
             if orthanc_id:
                 study.orthanc_id = orthanc_id
             return study.id
-
-
-def mark_complete_now(db: Database, study_uid: str) -> None:
-    """Let the completion loop take a study at once (the sender said the study is complete)."""
-    past = utcnow() - dt.timedelta(days=1)
-    with db.session() as s:
-        s.execute(
-            update(Study)
-            .where(
-                Study.study_instance_uid == study_uid, Study.status == StudyStatus.RECEIVING.value
-            )
-            .values(last_received_at=past)
-        )
 
 
 def study_id_for(s: Session, study_uid: str) -> int | None:
