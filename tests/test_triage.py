@@ -318,7 +318,7 @@ def test_dispatch_in_priority_order_holds_offpeak_and_stops_when_suspended(
     assert [m["headers"]["argsrepr"] for m in main_q] == [f"[{ids['routine']}]"]
     assert {m["properties"]["priority"] for m in urgent_q} == {0, 3}
     r.close()
-    loop.offpeak_window = "00:00-00:00"  # always open
+    loop.dispatcher.offpeak_window = "00:00-00:00"  # always open
     assert loop.dispatcher.dispatch_pending() == 1
     db.dispose()
 
