@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -112,34 +113,34 @@ class ViTConfig:
         return embed + self.num_hidden_layers * layer
 
     @classmethod
-    def vit_small(cls, image_size: int = 518, **kw: object) -> ViTConfig:
+    def vit_small(cls, image_size: int = 518, **kw: Any) -> ViTConfig:
         return cls(
             hidden_size=384,
             num_hidden_layers=12,
             num_attention_heads=6,
             image_size=image_size,
             **kw,
-        )  # type: ignore[arg-type]
+        )
 
     @classmethod
-    def vit_base(cls, image_size: int = 518, **kw: object) -> ViTConfig:
+    def vit_base(cls, image_size: int = 518, **kw: Any) -> ViTConfig:
         return cls(
             hidden_size=768,
             num_hidden_layers=12,
             num_attention_heads=12,
             image_size=image_size,
             **kw,
-        )  # type: ignore[arg-type]
+        )
 
     @classmethod
-    def vit_large(cls, image_size: int = 518, **kw: object) -> ViTConfig:
+    def vit_large(cls, image_size: int = 518, **kw: Any) -> ViTConfig:
         return cls(
             hidden_size=1024,
             num_hidden_layers=24,
             num_attention_heads=16,
             image_size=image_size,
             **kw,
-        )  # type: ignore[arg-type]
+        )
 
 
 @dataclass
