@@ -55,6 +55,42 @@ OTHER_IMAGE_SOP_CLASSES: dict[str, str] = {
 }
 
 
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+# Modalities of projection radiography (PS3.3 C.7.3.1.1.1): a Secondary Capture that says it
+# comes from one of these is a radiograph.
+XRAY_MODALITIES = frozenset({"CR", "DX", "DR", "RG", "MG", "IO", "PX", "XA", "RF"})
+# Conversion Type (0008,0064) DF: digitized film, whatever the Modality (often OT).
+FILM_CONVERSION_TYPES = frozenset({"DF"})
+
+
+def secondary_capture_not_radiograph(ds: Dataset) -> str | None:
+    """None when a Secondary Capture is a radiograph worth analysing, else why it is not.
+
+    A radiograph is grayscale (MONOCHROME1/2) and either digitized film (Conversion Type DF) or
+    captured from an X-ray source (Modality CR, DX, ...). Screen captures of other modalities
+    (NM, US, ...), colour captures and workstation images are stored, not analysed. Reasons are
+    fixed texts: they never copy a value from the dataset.
+    """
+
+    def text(keyword: str) -> str:
+        try:
+            return str(ds.get(keyword, "") or "").strip().upper()
+        except Exception:
+            return ""
+
+    if text("PhotometricInterpretation") not in ("MONOCHROME1", "MONOCHROME2"):
+        return "Secondary Capture in colour (not MONOCHROME1/2): not a radiograph, not analysed"
+    modality = text("Modality")
+    if modality in XRAY_MODALITIES:
+        return None
+    if text("ConversionType") in FILM_CONVERSION_TYPES and modality in ("", "OT"):
+        return None
+    return (
+        "Secondary Capture neither digitized film (Conversion Type DF) nor from an X-ray "
+        "modality: not analysed"
+    )
+
+
 class RejectedDataset(Exception):
     """The dataset cannot be kept; ``status`` is the DIMSE failure status to answer."""
 
@@ -89,6 +125,8 @@ class DatasetFacts:
     images_in_acquisition: int | None = None
     # Priority class the dataset asks for (Requested Procedure Priority): "stat", "urgent" or None.
     requested_priority: str | None = None
+    # Number of Frames (0028,0008) as sent; None when absent (a single-frame image).
+    number_of_frames: int | None = None
 
 
 def _uid(ds: Dataset, keyword: str) -> str:
@@ -106,9 +144,101 @@ def expected_native_pixel_bytes(ds: Dataset) -> int:
     cols = int(ds.Columns)
     spp = int(ds.get("SamplesPerPixel", 1) or 1)
     bits = int(ds.BitsAllocated)
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frames = _frames(ds)
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
+        spp = 2  # native 4:2:2: two luminance samples share one pair of chrominance samples
     total_bits = rows * cols * spp * bits * frames
     return (total_bits + 7) // 8
+
+
+# Photometric Interpretation (0028,0004) -> the Samples per Pixel it needs (PS3.3 C.7.6.3.1.2).
+# Retired terms (ARGB, CMYK, HSV) and anything else cannot be decoded and are refused.
+PHOTOMETRIC_SAMPLES: dict[str, int] = {
+    "MONOCHROME1": 1,
+    "MONOCHROME2": 1,
+    "PALETTE COLOR": 1,
+    "RGB": 3,
+    "YBR_FULL": 3,
+    "YBR_FULL_422": 3,
+    "YBR_PARTIAL_420": 3,
+    "YBR_ICT": 3,
+    "YBR_RCT": 3,
+    "XYB": 3,
+}
+_BITS_ALLOCATED = frozenset({1, 8, 16, 32, 64})
+
+
+def _mismatch(reason: str) -> RejectedDataset:
+    return RejectedDataset(STATUS_DATASET_MISMATCH, reason)
+
+
+def _us(ds: Dataset, keyword: str, tag: str) -> int | None:
+    """An unsigned image attribute as an int; None when absent; refused when not a number.
+
+    The reason names the attribute, never its value (values can carry anything)."""
+    try:
+        value = ds.get(keyword)
+    except Exception:
+        raise _mismatch(f"{keyword} {tag} cannot be read") from None
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise _mismatch(f"{keyword} {tag} is not a number") from None
+
+
+def _frames(ds: Dataset) -> int:
+    """Number of Frames (0028,0008); 1 when absent. Refused when it is not a positive integer."""
+    try:
+        value = ds.get("NumberOfFrames")
+    except Exception:
+        raise _mismatch("NumberOfFrames (0028,0008) is not a valid integer") from None
+    if value is None or str(value).strip() == "":
+        return 1
+    try:
+        frames = int(value)
+    except (TypeError, ValueError):
+        raise _mismatch("NumberOfFrames (0028,0008) is not a valid integer") from None
+    if frames < 1:
+        raise _mismatch("NumberOfFrames (0028,0008) is 0 or negative")
+    return frames
+
+
+def _check_pixel_description(ds: Dataset) -> None:
+    """Refuse an Image Pixel module whose header facts contradict each other (PS3.3 C.7.6.3):
+    such pixel data cannot be decoded, whatever the bytes are."""
+    bits_allocated = _us(ds, "BitsAllocated", "(0028,0100)")
+    if bits_allocated not in _BITS_ALLOCATED:
+        raise _mismatch("BitsAllocated (0028,0100) is not 1, 8, 16, 32 or 64")
+    bits_stored = _us(ds, "BitsStored", "(0028,0101)")
+    if bits_stored is None or bits_stored < 1:
+        raise _mismatch("BitsStored (0028,0101) missing or 0")
+    if bits_stored > bits_allocated:
+        raise _mismatch("BitsStored (0028,0101) exceeds BitsAllocated (0028,0100)")
+    high_bit = _us(ds, "HighBit", "(0028,0102)")
+    if high_bit is not None and not bits_stored - 1 <= high_bit < bits_allocated:
+        raise _mismatch("HighBit (0028,0102) does not fit BitsStored and BitsAllocated")
+    representation = _us(ds, "PixelRepresentation", "(0028,0103)")
+    if representation not in (None, 0, 1):
+        raise _mismatch("PixelRepresentation (0028,0103) is not 0 or 1")
+    try:
+        photometric = str(ds.get("PhotometricInterpretation", "") or "").strip()
+    except Exception:
+        photometric = ""
+    if not photometric:
+        raise _mismatch("PhotometricInterpretation (0028,0004) missing")
+    needed = PHOTOMETRIC_SAMPLES.get(photometric)
+    if needed is None:
+        raise _mismatch("PhotometricInterpretation (0028,0004) is not a supported defined term")
+    samples = _us(ds, "SamplesPerPixel", "(0028,0002)")
+    if samples is None:
+        raise _mismatch("SamplesPerPixel (0028,0002) missing")
+    if samples != needed:
+        raise _mismatch("SamplesPerPixel (0028,0002) does not match PhotometricInterpretation")
+    if samples > 1 and _us(ds, "PlanarConfiguration", "(0028,0006)") not in (None, 0, 1):
+        raise _mismatch("PlanarConfiguration (0028,0006) is not 0 or 1")
+    _frames(ds)
 
 
 def _check_pixels(ds: Dataset, transfer_syntax: UID, source: Path | None = None) -> None:
@@ -117,10 +247,15 @@ def _check_pixels(ds: Dataset, transfer_syntax: UID, source: Path | None = None)
     With ``source`` (the file ``ds`` was read from with deferred values), the check reads only
     element headers and fragment item headers, so a 500 MB object is never held in memory.
     """
-    for kw in ("Rows", "Columns", "BitsAllocated"):
-        value = ds.get(kw)
-        if value is None or int(value) <= 0:
+    for kw, tag in (
+        ("Rows", "(0028,0010)"),
+        ("Columns", "(0028,0011)"),
+        ("BitsAllocated", "(0028,0100)"),
+    ):
+        value = _us(ds, kw, tag)
+        if value is None or value <= 0:
             raise RejectedDataset(STATUS_DATASET_MISMATCH, f"image with {kw} missing or 0")
+    _check_pixel_description(ds)
     if "PixelData" not in ds:
         raise RejectedDataset(STATUS_DATASET_MISMATCH, "image without Pixel Data")
     item = ds.get_item("PixelData", keep_deferred=True)
@@ -191,11 +326,11 @@ def _check_fragments(buf: BinaryIO, end: int, *, in_file: bool) -> int:
 
 def _check_frame_count(ds: Dataset, fragments: int) -> None:
     """Each frame has at least one fragment: more frames than fragments cannot be decoded."""
-    frames = _int_or_none(ds, "NumberOfFrames") or 1
-    if frames < 1 or frames > fragments:
+    frames = _frames(ds)
+    if frames > fragments:
         raise RejectedDataset(
             STATUS_DATASET_MISMATCH,
-            f"Number of Frames {frames} does not fit {fragments} pixel data fragments",
+            f"NumberOfFrames (0028,0008) exceeds the {fragments} pixel data fragments",
         )
 
 
@@ -206,6 +341,13 @@ def _int_or_none(ds: Dataset, keyword: str) -> int | None:
         return int(value) if value not in (None, "") else None
     except (TypeError, ValueError):
         return None
+
+
+def number_of_frames(ds: Dataset) -> int | None:
+    """Number of Frames (0028,0008) when present and a positive integer, else None (single
+    frame, or a value the worker will not trust either)."""
+    value = _int_or_none(ds, "NumberOfFrames")
+    return value if value is not None and value >= 1 else None
 
 
 def requested_priority(ds: Dataset) -> str | None:
@@ -256,6 +398,9 @@ def examine(ds: Dataset, transfer_syntax: UID, source: Path | None = None) -> Da
         _check_pixels(ds, transfer_syntax, source)
         if int(ds.get("SamplesPerPixel", 1) or 1) not in (1, 3):
             analysable, reason = False, "unsupported Samples per Pixel"
+        elif sop_class == SECONDARY_CAPTURE:
+            reason = secondary_capture_not_radiograph(ds)
+            analysable = reason is None
     elif sop_class in NON_IMAGE_SOP_CLASSES:
         analysable = False
         reason = f"non-image SOP class ({NON_IMAGE_SOP_CLASSES[sop_class]}): stored, not analysed"
@@ -273,6 +418,7 @@ def examine(ds: Dataset, transfer_syntax: UID, source: Path | None = None) -> Da
         acquisition_number=_int_or_none(ds, "AcquisitionNumber"),
         images_in_acquisition=_int_or_none(ds, "ImagesInAcquisition"),
         requested_priority=requested_priority(ds),
+        number_of_frames=number_of_frames(ds),
         study_uid=study_uid,
         series_uid=series_uid,
         sop_uid=sop_uid,

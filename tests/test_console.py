@@ -297,7 +297,17 @@ def xss_study(console: Console) -> str:
     return uid
 
 
-PAGES = ["/", "/rules", "/rules/edit", "/destinations", "/pipelines", "/queue", "/users", "/audit"]
+PAGES = [
+    "/",
+    "/rules",
+    "/rules/edit",
+    "/destinations",
+    "/pipelines",
+    "/queue",
+    "/users",
+    "/audit",
+    "/refusals",
+]
 
 
 def test_login_is_required(console: Console) -> None:
@@ -526,6 +536,42 @@ def test_admin_pages(console: Console, xss_study: str) -> None:
     text = page.inner_text("#audit-table")
     assert "login.success" in text and "rule" in text
     b.shot("audit")
+    assert not b.alerts and not b.errors, (b.alerts, b.errors)
+    b.page.context.close()
+
+
+def test_refusals_page(console: Console) -> None:
+    """A modality sends a CR whose Bits Stored (20) exceeds Bits Allocated (16): storescu gets
+    0xA900, and a viewer finds the refusal through the nav link on the Refusals page (calling
+    AE, status, the reason naming the attribute, the SOP Instance UID), and filters it."""
+    path, _uid = _copy(console.tmp, "refused", BitsStored=20)  # type: ignore[arg-type]
+    sop_uid = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+    result = subprocess.run(
+        [STORESCU, "-v", "-aet", "REFUSEDMOD", "-aec", "PACSAGENT", "-xv", "127.0.0.1"]
+        + [str(console.agent.dicom_port), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "TCP_NODELAY": "1"},
+    )
+    assert "DataSetDoesNotMatchSOPClass" in result.stdout + result.stderr, result.stdout
+    b = _open(console, "vera")
+    page = b.page
+    page.click("header nav a:has-text('Refusals')")
+    page.wait_for_url(f"{console.agent.url}/refusals")
+    row = page.locator("#refusals-table tbody tr", has_text="REFUSEDMOD")
+    _wait("the refusal row", lambda: row.count() == 1, b=b)
+    text = row.inner_text()
+    assert "dimse" in text and "0xA900" in text and "BitsStored" in text, text
+    assert row.locator(f'[title="{sop_uid}"]').count() == 1
+    assert page.locator("header nav a.active").inner_text() == "Refusals"
+    b.shot("refusals")
+    page.select_option("select[name=door]", "stow")
+    page.click("form.filters button[type=submit]")
+    page.wait_for_url(re.compile(r".*/refusals\?door=stow.*"))
+    assert "Nothing refused that matches" in page.inner_text("#refusals-table")
+    page.goto(f"{console.agent.url}/refusals?calling_ae=REFUSEDMOD")
+    assert page.locator("#refusals-table tbody tr[data-refusal-id]").count() == 1
     assert not b.alerts and not b.errors, (b.alerts, b.errors)
     b.page.context.close()
 

@@ -368,20 +368,22 @@ def test_dimse_variables_and_the_sender_destination(api: Api) -> None:
     server = start_scp(settings, Ingestor(api.db, api.state.store))
     try:
         for name in ("RG1_UNCR.dcm", "RG3_UNCR.dcm"):
-            assert storescu(settings.dicom_port, sample_path(name), aet="MOD").returncode == 0
+            # Called as "ED_ROUTER": the study records the title the sender called, not ours.
+            sent = storescu(settings.dicom_port, sample_path(name), aet="MOD", aec="ED_ROUTER")
+            assert sent.returncode == 0
     finally:
         server.shutdown()
     with api.db.session() as s:
         studies = list(s.scalars(select(Study).order_by(Study.id)))
     assert len(studies) == 2
     assert {(st.calling_ae, st.called_ae, st.sender_address) for st in studies} == {
-        ("MOD", "PACSAGENT", "127.0.0.1")
+        ("MOD", "ED_ROUTER", "127.0.0.1")
     }
     rule = {
         "name": "from-mod",
         "when": [
             'source == "dimse" && calling_ae == "MOD"',
-            'called_ae == "PACSAGENT" && sender_address == "127.0.0.1"',
+            'called_ae == "ED_ROUTER" && sender_address == "127.0.0.1"',
         ],
         "action": "process",
         "destinations": ["sender"],

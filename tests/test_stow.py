@@ -8,6 +8,7 @@ fall anywhere in a real stream."""
 from __future__ import annotations
 
 import io
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,6 +267,29 @@ def test_truncated_encapsulated_pixel_data(agent: StowAgent) -> None:
     agent.assert_nothing_recorded(ds.SOPInstanceUID)
 
 
+@pytest.mark.parametrize(
+    ("attribute", "value"),
+    [("BitsStored", 20), ("PhotometricInterpretation", "FOO"), ("HighBit", 16)],
+    ids=["bits-stored-over-allocated", "photometric-FOO", "high-bit-over-allocated"],
+)
+def test_undecodable_pixel_description(agent: StowAgent, attribute: str, value: object) -> None:
+    """Header facts that contradict each other: the same 0xA900 as a C-STORE, and a refusal row
+    naming the attribute (never its value)."""
+    from pacs_agent.db.models import Refusal
+
+    ds = fresh("RG3_UNCR.dcm")
+    setattr(ds, attribute, value)
+    r = post(agent, multipart([encode(ds)]))
+    assert r.status_code == 409, r.text
+    assert failed_items(r.json()) == [(ds.SOPInstanceUID, 0xA900)]
+    agent.assert_nothing_recorded(ds.SOPInstanceUID)
+    with agent.db.session() as s:
+        row = s.scalar(select(Refusal).where(Refusal.sop_instance_uid == ds.SOPInstanceUID))
+    assert row is not None and row.door == "stow" and row.status == 0xA900
+    assert attribute in row.reason and str(value) not in row.reason.replace(attribute, "")
+    agent.assert_serving()
+
+
 def test_zero_byte_part(agent: StowAgent) -> None:
     r = post(agent, multipart([b""]))
     assert r.status_code == 409, r.text
@@ -392,12 +416,22 @@ def test_token_is_required(agent: StowAgent, auth: str | None) -> None:
 def _parse(
     body: bytes, step: int, max_part: int = 1 << 20
 ) -> list[tuple[bytes, tuple[int, str] | None]]:
-    reader = MultipartReader(BOUNDARY, max_part_bytes=max_part)
-    parts = []
-    for i in range(0, len(body), step):
-        parts += reader.feed(body[i : i + step])
-    reader.close()
-    return [(p.body, p.refused) for p in parts]
+    with tempfile.TemporaryDirectory() as spool:
+        reader = MultipartReader(BOUNDARY, Path(spool), max_part_bytes=max_part)
+        parts = []
+        try:
+            for i in range(0, len(body), step):
+                parts += reader.feed(body[i : i + step])
+            reader.close()
+        finally:
+            # Every part file is the caller's to remove; an aborted body leaves none behind.
+            files = sorted(p.name for p in Path(spool).iterdir())
+            assert files == sorted(p.path.name for p in parts if p.path is not None)
+        out = [(p.read_bytes(), p.refused) for p in parts]
+        for p in parts:
+            p.discard()
+        assert list(Path(spool).iterdir()) == []
+        return out
 
 
 @pytest.mark.parametrize("step", [1, 2, 3, 7, 41, 1 << 20])
@@ -449,3 +483,73 @@ def test_dicomweb_destination_sends_the_bearer_token(agent: StowAgent, tmp_path:
         sender_for(url).send([path])  # no token: refused
     sender_for(url, dicomweb_token=TOKEN).send([path])
     assert agent.instance(ds.SOPInstanceUID) is not None
+
+
+# --- memory: parts stream to disk ----------------------------------------------------------------
+
+
+def _peak_rss(pid: int) -> int:
+    """The process's peak resident memory (VmHWM), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc status")
+
+
+def test_large_request_streams_to_disk_with_bounded_memory(
+    agent: StowAgent, tmp_path: Path
+) -> None:
+    """A 300 MB instance (over the 256 MB that were once held in memory) plus a small one in one
+    request: both stored, byte for byte, and the agent's peak memory grows by far less than the
+    request (the body goes to a spool file, the store takes it by hard link)."""
+    import hashlib
+
+    import numpy as np
+
+    rows = cols = 12288  # 16-bit: 302 MB of pixel data
+    big = fresh("RG1_UNCR.dcm")
+    big.Rows, big.Columns = rows, cols
+    big.PixelData = np.zeros((rows, cols), dtype=np.uint16).tobytes()
+    big_path = tmp_path / "big.dcm"
+    big.save_as(big_path, enforce_file_format=True)
+    del big.PixelData  # the test process need not hold it either
+    small = fresh("CT_small.dcm")
+    small_bytes = encode(small)
+    head = f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+
+    def body() -> Iterator[bytes]:
+        yield head
+        with open(big_path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                yield chunk
+        yield b"\r\n" + head + small_bytes + f"\r\n--{BOUNDARY}--\r\n".encode()
+
+    pid = agent.env.procs[0].popen.pid
+    before = _peak_rss(pid)
+    r = httpx.post(
+        agent.stow_url,
+        content=body(),
+        headers={**AUTH, "Content-Type": CT_TYPE},
+        timeout=600,
+    )
+    assert r.status_code == 200, r.text
+    assert referenced_uids(r.json()) == [big.SOPInstanceUID, small.SOPInstanceUID]
+    growth = _peak_rss(pid) - before
+    size = big_path.stat().st_size
+    print(f"STOW {size >> 20} MB part: agent peak memory grew by {growth >> 20} MB")
+    assert growth < 64 * 1024 * 1024, f"peak memory grew by {growth >> 20} MB for {size >> 20} MB"
+    inst = agent.instance(big.SOPInstanceUID)
+    assert inst is not None and inst.size == size
+    stored = agent.store_root / inst.path
+
+    def digest(p: Path) -> str:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        return h.hexdigest()
+
+    assert digest(stored) == digest(big_path) == inst.sha256
+    spool = agent.store_root.parent / "spool"
+    assert not list(spool.glob("stow-*")), "no part file is left in the spool"
+    agent.assert_serving()

@@ -1,7 +1,8 @@
 """The DICOM listener: C-ECHO and C-STORE. The handler stores and returns; nothing else.
 
 Each failure stage has its own status (see pacs_agent.dicom_facts); an escaped exception becomes
-0xC211 and is logged with UIDs only.
+0xC211 and is logged with UIDs only. Every refusal is also a row in ``refusals``
+(pacs_agent.receiving.refusals), best effort: the status is answered even if that write fails.
 """
 
 from __future__ import annotations
@@ -42,10 +43,12 @@ from pacs_agent.dicom_facts import (
     ANALYSABLE_SOP_CLASSES,
     NON_IMAGE_SOP_CLASSES,
     OTHER_IMAGE_SOP_CLASSES,
+    STATUS_CANNOT_UNDERSTAND,
     STATUS_PROCESSING_FAILURE,
     RejectedDataset,
 )
 from pacs_agent.receiving.ingest import Ingestor, Peer
+from pacs_agent.receiving.refusals import RefusedUids, clean_uid, record_refusal, uids_from_file
 from pacs_agent.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -114,30 +117,56 @@ def handle_aborted(event: Event, tracker: ReleaseTracker) -> None:
 
 def handle_store(event: Event, ingestor: Ingestor, tracker: ReleaseTracker | None = None) -> int:
     calling_ae = str(event.assoc.requestor.ae_title).strip()
-    sop_uid = "?"
+    address = str(event.assoc.requestor.address or "") or None
+    # What the sender announced: the SOP Instance UID is known even when the dataset is garbage.
+    announced = RefusedUids(
+        clean_uid(getattr(event.request, "AffectedSOPInstanceUID", None)),
+        clean_uid(getattr(event.request, "AffectedSOPClassUID", None)),
+    )
+    path: Path | None = None
     try:
         try:
             path = Path(event.dataset_path)
-        except Exception as exc:
-            raise RejectedDataset(0xC210, f"cannot read the dataset stream: {exc}") from None
+        except Exception:
+            raise RejectedDataset(
+                STATUS_CANNOT_UNDERSTAND, "cannot read the dataset stream"
+            ) from None
         ts = UID(str(event.context.transfer_syntax))
-        peer = Peer(
-            called_ae=str(event.assoc.acceptor.ae_title).strip() or None,
-            address=str(event.assoc.requestor.address or "") or None,
-        )
+        # The AE title the sender called (A-ASSOCIATE-RQ), not our own configured title.
+        called = event.assoc.requestor.primitive.called_ae_title
+        peer = Peer(called_ae=str(called or "").strip() or None, address=address)
         outcome = ingestor.ingest_file(path, ts, source="dimse", calling_ae=calling_ae, peer=peer)
-        sop_uid = outcome.sop_uid
         if tracker is not None:
             tracker.stored(event.assoc, outcome.study_uid)
         return 0x0000
     except RejectedDataset as exc:
+        status, reason = exc.status, exc.reason
         log.warning(
-            "C-STORE refused from %s sop=%s: 0x%04X %s", calling_ae, sop_uid, exc.status, exc.reason
+            "C-STORE refused from %s sop=%s: 0x%04X %s",
+            calling_ae,
+            announced.sop_instance_uid,
+            status,
+            reason,
         )
-        return exc.status
-    except Exception:
-        log.exception("C-STORE failed from %s sop=%s", calling_ae, sop_uid)
-        return STATUS_PROCESSING_FAILURE
+    except Exception as exc:
+        status, reason = STATUS_PROCESSING_FAILURE, f"processing failure ({type(exc).__name__})"
+        # No traceback: its frames and messages can quote dataset values.
+        log.error(
+            "C-STORE failed from %s sop=%s: %s", calling_ae, announced.sop_instance_uid, reason
+        )
+    uids = announced
+    if path is not None:
+        uids = announced.or_else(uids_from_file(path))
+    record_refusal(
+        ingestor.db,
+        door="dimse",
+        status=status,
+        reason=reason,
+        uids=uids,
+        calling_ae=calling_ae,
+        sender_address=address,
+    )
+    return status
 
 
 def make_ae(settings: Settings) -> AE:

@@ -21,6 +21,7 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Resp
 from pacs_agent import __version__
 from pacs_agent.api.console import views
 from pacs_agent.api.deps import SESSION_COOKIE, Principal, current_principal, get_state
+from pacs_agent.receiving.refusals import DOORS
 
 router = APIRouter(include_in_schema=False)
 
@@ -61,11 +62,13 @@ NAV = [
     ("destinations", "/destinations", "Destinations", "viewer"),
     ("pipelines", "/pipelines", "Pipelines", "viewer"),
     ("queue", "/queue", "Queue", "viewer"),
+    ("refusals", "/refusals", "Refusals", "viewer"),
     ("users", "/users", "Users", "admin"),
     ("audit", "/audit", "Audit", "operator"),
 ]
 
 Who = Annotated[Principal | None, Depends(current_principal)]
+REFUSALS_PAGE = 200
 
 
 def render(
@@ -222,7 +225,12 @@ def study_page(request: Request, who: Who, study_uid: str) -> Response:
         return refused
     state = get_state(request)
     with state.db.session() as s:
-        study = views.study_detail(s, study_uid, state.store.path_for)
+        study = views.study_detail(
+            s,
+            study_uid,
+            state.store.path_for,
+            heartbeat_timeout_s=state.settings.job_heartbeat_timeout_s,
+        )
         pipelines = views.choices(s)["pipelines"]
     if study is None:
         return render(
@@ -348,6 +356,32 @@ def audit_page(
     with get_state(request).db.session() as s:
         entries = views.list_audit(s, actor=actor, action=action, target=target)
     return render("audit.html", who, "audit", entries=entries, filters=filters)
+
+
+@router.get("/refusals")
+def refusals_page(
+    request: Request, who: Who, door: str = "", calling_ae: str = "", before_id: int | None = None
+) -> Response:
+    """Instances the doors refused, newest first, 200 a page (``GET /api/refusals`` for more)."""
+    from pacs_agent.api.routes.refusals import query_refusals
+
+    if (refused := _gate(request, who, "viewer")) is not None:
+        return refused
+    door = door if door in DOORS else ""
+    calling_ae = calling_ae.replace("\x00", "")[:16]
+    with get_state(request).db.session() as s:
+        rows = query_refusals(
+            s, door=door, calling_ae=calling_ae, before_id=before_id, limit=REFUSALS_PAGE
+        )
+    filters = {"door": door, "calling_ae": calling_ae}
+    older = (
+        urllib.parse.urlencode({**filters, "before_id": rows[-1].id})
+        if len(rows) == REFUSALS_PAGE
+        else ""
+    )
+    return render(
+        "refusals.html", who, "refusals", rows=rows, filters=filters, doors=DOORS, older=older
+    )
 
 
 @router.get("/console/static/{name}")
