@@ -35,6 +35,14 @@ of instances *not produced by the agent* differs from the set already notified:
 So a study that holds only agent output is never sent, results added to an analysed study are
 not sent again, and new images from a modality in an analysed study are sent.
 
+Nothing dropped after the last attempt: a notification that failed its ``MaxAttempts`` is kept
+pending, persisted in Orthanc's global property ``PendingGlobalProperty`` (its database; or the
+JSON file ``PendingFile``), and tried again once per round with backoff (``PendingBackoffSeconds``
+doubling up to ``PendingMaxBackoffSeconds``) until it is delivered or older than
+``PendingMaxAgeSeconds`` (default 7 days; then an error is logged). After an Orthanc restart the
+kept notifications are tried at once. ``GET /pacs-agent/pending`` lists them (Orthanc ids,
+times, rounds, last error). The agent also reads Orthanc's ``/changes`` as a backstop.
+
 Admin re-send: ``POST /pacs-agent/studies/<orthanc study id>/notify`` queues a notification
 regardless of the fingerprint.
 
@@ -78,6 +86,15 @@ DEFAULTS = {
     "MaxAttempts": 5,
     "BackoffSeconds": 1.0,
     "MaxBackoffSeconds": 30.0,
+    # After MaxAttempts the notification is kept (persisted) and tried again, one attempt per
+    # round, with backoff from PendingBackoffSeconds up to PendingMaxBackoffSeconds, until it
+    # is delivered or older than PendingMaxAgeSeconds. Kept in Orthanc's global property
+    # PendingGlobalProperty (its database), or in PendingFile when set.
+    "PendingBackoffSeconds": 30.0,
+    "PendingMaxBackoffSeconds": 1800.0,
+    "PendingMaxAgeSeconds": 7 * 24 * 3600.0,
+    "PendingGlobalProperty": 5471,
+    "PendingFile": None,
 }
 
 
@@ -122,9 +139,19 @@ def load_config(orthanc_config, environ=None):
         str(m).strip().lower() for m in cfg.get("IgnoreManufacturers") or []
     ]
     cfg["Enabled"] = bool(cfg.get("Enabled", True)) and bool(cfg.get("WebhookUrl"))
-    for key in ("TimeoutSeconds", "BackoffSeconds", "MaxBackoffSeconds"):
+    for key in (
+        "TimeoutSeconds",
+        "BackoffSeconds",
+        "MaxBackoffSeconds",
+        "PendingBackoffSeconds",
+        "PendingMaxBackoffSeconds",
+        "PendingMaxAgeSeconds",
+    ):
         cfg[key] = float(cfg[key])
     cfg["MaxAttempts"] = max(1, int(cfg["MaxAttempts"]))
+    cfg["PendingGlobalProperty"] = int(cfg["PendingGlobalProperty"])
+    if cfg["PendingGlobalProperty"] < 1024:
+        raise ValueError("PacsAgent.PendingGlobalProperty must be >= 1024 (plugin range)")
     return cfg
 
 
@@ -273,6 +300,87 @@ def http_post(url, body, headers, timeout):
         return exc.code
 
 
+class MemoryStore:
+    """Pending notifications in memory (tests; the plugin persists them)."""
+
+    def __init__(self, data=None):
+        self.data = dict(data or {})
+
+    def load(self):
+        return dict(self.data)
+
+    def save(self, pending):
+        self.data = dict(pending)
+
+
+class FileStore:
+    """Pending notifications in a JSON file, replaced atomically (write, fsync, rename)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def load(self):
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def save(self, pending):
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(pending, f, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+
+class GlobalPropertyStore:
+    """Pending notifications in one of Orthanc's global properties (kept in its database, so
+    an Orthanc restart does not drop them). ``get(prop, default)`` / ``put(prop, value)``."""
+
+    def __init__(self, get, put, prop):
+        self.get, self.put, self.prop = get, put, prop
+
+    def load(self):
+        text = self.get(self.prop, "") or ""
+        try:
+            data = json.loads(text) if text else {}
+        except ValueError:
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def save(self, pending):
+        self.put(self.prop, json.dumps(pending, sort_keys=True))
+
+
+def keep_pending(pending, study_id, force, error, now, cfg):
+    """Record one more failed round for ``study_id``; returns (kept?, delay or age).
+
+    A study first failed longer ago than PendingMaxAgeSeconds is dropped (kept? False)."""
+    entry = dict(pending.get(study_id) or {"since": now, "rounds": 0, "force": False})
+    entry["rounds"] = int(entry.get("rounds", 0)) + 1
+    entry["force"] = bool(entry.get("force")) or bool(force)
+    entry["error"] = error
+    age = now - float(entry.get("since", now))
+    if age > cfg["PendingMaxAgeSeconds"]:
+        pending.pop(study_id, None)
+        return False, age
+    delay = backoff_delay(
+        entry["rounds"], cfg["PendingBackoffSeconds"], cfg["PendingMaxBackoffSeconds"]
+    )
+    entry["next"] = now + delay
+    pending[study_id] = entry
+    return True, delay
+
+
+def due_pending(pending, now):
+    """Study ids whose next try is due, oldest first."""
+    due = [(float(e.get("next", 0)), sid) for sid, e in pending.items() if e.get("next", 0) <= now]
+    return [sid for _, sid in sorted(due)]
+
+
 # --------------------------------------------------------------------------------------------
 # Glue to Orthanc
 # --------------------------------------------------------------------------------------------
@@ -281,17 +389,27 @@ def http_post(url, body, headers, timeout):
 class Notifier:
     """Receives stable-study events on Orthanc's thread; inspects and POSTs on its own thread."""
 
-    def __init__(self, cfg, api, log_warning, log_error, post=http_post):
+    def __init__(
+        self, cfg, api, log_warning, log_error, post=http_post, store=None, clock=time.time
+    ):
         self.cfg = cfg
         self.api = api  # object with get_json(uri) and put_metadata(study_id, name, value)
         self.log_warning = log_warning
         self.log_error = log_error
         self.post = post
+        self.store = store if store is not None else MemoryStore()
+        self.clock = clock
         self._queue = queue.Queue()
         self._pending = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._memory_fingerprints = {}
+        # Notifications that failed every attempt: persisted, retried until delivered or old.
+        # Orthanc's database is not open yet while the plugin initialises: the worker thread
+        # loads them (again) before it notifies anything.
+        self.kept = {}
+        self.loaded = False
+        self.load_kept(quiet=True)
         self._thread = threading.Thread(target=self._run, name="pacs-agent-webhook", daemon=True)
 
     def start(self):
@@ -309,20 +427,91 @@ class Notifier:
             self._pending.add(study_id)
         self._queue.put((study_id, force))
 
+    def load_kept(self, quiet=False):
+        """Read the kept notifications (due at once: e.g. after a restart). False if the store
+        cannot be read yet."""
+        try:
+            data = self.store.load()
+        except Exception as exc:
+            if not quiet:
+                self.log_warning(f"pacs-agent: pending notifications not readable yet: {exc}")
+            return False
+        now = self.clock()
+        for entry in data.values():
+            entry["next"] = now
+        data.update(self.kept)
+        self.kept, self.loaded = data, True
+        if data:
+            self.log_warning(f"pacs-agent: {len(data)} pending notification(s) to send")
+        return True
+
     def _run(self):
+        warned = False
+        while not self.loaded and not self._stop.is_set():
+            if self.load_kept(quiet=warned):
+                break
+            warned = True
+            self._stop.wait(0.5)
+        poll = max(0.1, min(5.0, self.cfg["PendingBackoffSeconds"] / 2))
         while not self._stop.is_set():
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=poll)
+            except queue.Empty:
+                item = ()
             if item is None:
                 break
-            study_id, force = item
-            with self._lock:
-                self._pending.discard(study_id)
-            try:
-                self.process(study_id, force)
-            except Exception as exc:  # never let the worker die
-                self.log_error(
-                    f"pacs-agent: study {study_id} not notified: {type(exc).__name__}: {exc}"
-                )
+            if item:
+                study_id, force = item
+                with self._lock:
+                    self._pending.discard(study_id)
+                self._safely(study_id, force, None)
+            self.retry_pending()
+
+    def _safely(self, study_id, force, attempts):
+        try:
+            return self.process(study_id, force, attempts)
+        except Exception as exc:  # never let the worker die
+            self.log_error(
+                f"pacs-agent: study {study_id} not notified: {type(exc).__name__}: {exc}"
+            )
+            return False
+
+    def retry_pending(self):
+        """One attempt for each kept notification that is due. Returns how many were tried."""
+        due = due_pending(self.kept, self.clock())
+        for study_id in due:
+            if self._stop.is_set():
+                break
+            entry = self.kept.get(study_id) or {}
+            self._safely(study_id, bool(entry.get("force")), 1)
+        return len(due)
+
+    def _save(self):
+        if not self.loaded:  # never overwrite a list not read yet
+            return
+        try:
+            self.store.save(self.kept)
+        except Exception as exc:
+            self.log_error(f"pacs-agent: pending notifications not saved: {exc}")
+
+    def _keep(self, study_id, uid, force, error):
+        kept, value = keep_pending(self.kept, study_id, force, error, self.clock(), self.cfg)
+        self._save()
+        if kept:
+            self.log_warning(
+                f"pacs-agent: webhook for study {study_id} (StudyInstanceUID {uid}) kept "
+                f"pending ({error}); next try in {value:.0f} s"
+            )
+        else:
+            self.log_error(
+                f"pacs-agent: webhook for study {study_id} (StudyInstanceUID {uid}) dropped "
+                f"after {value:.0f} s pending ({error}); re-send with POST "
+                f"/pacs-agent/studies/{study_id}/notify"
+            )
+
+    def _forget(self, study_id):
+        if self.kept.pop(study_id, None) is not None:
+            self._save()
 
     def _sleep(self, seconds):
         return not self._stop.wait(seconds)
@@ -359,8 +548,15 @@ class Notifier:
                 f'({exc}); kept in memory only. Declare it in "UserMetadata".'
             )
 
-    def process(self, study_id, force=False):
-        study = self.api.get_json(f"/studies/{study_id}")
+    def process(self, study_id, force=False, attempts=None):
+        """Notify the agent of a stable study if it is new work. ``attempts``: tries now (default
+        MaxAttempts). A delivery that fails is kept pending (persisted) and tried again."""
+        try:
+            study = self.api.get_json(f"/studies/{study_id}")
+        except Exception:
+            if study_id in self.kept:  # deleted from Orthanc meanwhile: nothing to notify
+                self._forget(study_id)
+            raise
         uid = (study.get("MainDicomTags") or {}).get("StudyInstanceUID", "")
         notify, reason, fp = decide(
             self.foreign_instances(study_id), self._previous_fingerprint(study_id), force
@@ -369,6 +565,7 @@ class Notifier:
             self.log_warning(
                 f"pacs-agent: stable study {study_id} (StudyInstanceUID {uid}) skipped: {reason}"
             )
+            self._forget(study_id)
             return False
         secret = self.cfg.get("WebhookSecret")
         if not secret:
@@ -376,28 +573,33 @@ class Notifier:
                 f"pacs-agent: study {study_id} (StudyInstanceUID {uid}) not notified: no webhook "
                 f"secret; set the environment variable {self.cfg['WebhookSecretEnv']}"
             )
+            self._keep(study_id, uid, force, "no webhook secret")
             return False
         url = self.cfg["WebhookUrl"]
-        ok, attempts, error = deliver(
+        ok, used, error = deliver(
             send=lambda body, headers: self.post(url, body, headers, self.cfg["TimeoutSeconds"]),
             build=lambda: build_request(secret, study_id, uid, time.time()),
-            max_attempts=self.cfg["MaxAttempts"],
+            max_attempts=attempts or self.cfg["MaxAttempts"],
             base_backoff=self.cfg["BackoffSeconds"],
             max_backoff=self.cfg["MaxBackoffSeconds"],
             sleep=self._sleep,
         )
         if ok:
             self._remember(study_id, fp)
+            was_kept = study_id in self.kept
+            self._forget(study_id)
             self.log_warning(
                 f"pacs-agent: notified study {study_id} (StudyInstanceUID {uid}, {reason}) "
-                f"after {attempts} attempt(s)"
+                f"after {used} attempt(s)" + (" from the pending list" if was_kept else "")
             )
         else:
             self.log_error(
                 f"pacs-agent: webhook for study {study_id} (StudyInstanceUID {uid}) failed after "
-                f"{attempts} attempt(s): {error}; re-send with POST "
-                f"/pacs-agent/studies/{study_id}/notify"
+                f"{used} attempt(s): {error}"
             )
+            if "abandoned at shutdown" in (error or ""):
+                error = error.replace(" (abandoned at shutdown)", "")
+            self._keep(study_id, uid, force, error)
         return ok
 
 
@@ -442,6 +644,22 @@ def _on_notify_rest(output, uri, **request):
     output.AnswerBuffer(json.dumps({"queued": True, "study": study_id}), "application/json")
 
 
+def _on_pending_rest(output, uri, **request):
+    if request.get("method") != "GET":
+        output.SendMethodNotAllowed("GET")
+        return
+    kept = dict(_notifier.kept) if _notifier is not None else {}
+    output.AnswerBuffer(json.dumps(kept, sort_keys=True), "application/json")
+
+
+def _store(cfg):
+    if cfg.get("PendingFile"):
+        return FileStore(cfg["PendingFile"])
+    return GlobalPropertyStore(
+        orthanc.GetGlobalProperty, orthanc.SetGlobalProperty, cfg["PendingGlobalProperty"]
+    )
+
+
 def _install():
     global _notifier
     cfg = load_config(orthanc.GetConfiguration())
@@ -454,10 +672,13 @@ def _install():
             f"pacs-agent: no webhook secret (environment variable {cfg['WebhookSecretEnv']}); "
             "stable studies will not be notified"
         )
-    _notifier = Notifier(cfg, _OrthancApi(), orthanc.LogWarning, orthanc.LogError)
+    _notifier = Notifier(
+        cfg, _OrthancApi(), orthanc.LogWarning, orthanc.LogError, store=_store(cfg)
+    )
     _notifier.start()
     orthanc.RegisterOnChangeCallback(_on_change)
     orthanc.RegisterRestCallback("/pacs-agent/studies/([0-9a-f-]+)/notify", _on_notify_rest)
+    orthanc.RegisterRestCallback("/pacs-agent/pending", _on_pending_rest)
 
 
 if orthanc is not None:

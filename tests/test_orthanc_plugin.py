@@ -284,8 +284,90 @@ def test_notifier_failed_delivery_is_not_remembered():
     cfg.update(MaxAttempts=2, BackoffSeconds=0.01)
     notifier = plugin.Notifier(cfg, api, logs.append, logs.append, post=lambda *a: 500)
     assert notifier.process("st") is False
-    assert "failed after 2 attempt(s): HTTP 500" in logs[-1]
+    assert any("failed after 2 attempt(s): HTTP 500" in line for line in logs)
     assert api.metadata == {}
+
+
+def test_notifier_keeps_a_failed_notification_until_delivered(tmp_path):
+    """After its last attempt the notification is kept (in a file here, Orthanc's global
+    property in production), survives a new Notifier (an Orthanc restart), is retried with
+    backoff, and leaves the list once delivered."""
+    api, logs, now = _FakeApi(), [], [1000.0]
+    cfg = plugin.load_config({}, environ={"PACS_AGENT_WEBHOOK_SECRET": SECRET})
+    cfg.update(MaxAttempts=2, BackoffSeconds=0.0, PendingBackoffSeconds=10.0)
+    cfg.update(PendingMaxBackoffSeconds=40.0)
+    store = plugin.FileStore(str(tmp_path / "pending.json"))
+    answers = [ConnectionRefusedError("down")] * 3 + [503]
+
+    def post(url, body, headers, timeout):
+        answer = answers.pop(0) if answers else 202
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def notifier():
+        return plugin.Notifier(
+            cfg, api, logs.append, logs.append, post=post, store=store, clock=lambda: now[0]
+        )
+
+    first = notifier()
+    assert first.process("st") is False
+    [(sid, entry)] = store.load().items()
+    assert sid == "st" and entry["rounds"] == 1 and entry["next"] == 1010.0
+    assert entry["error"].startswith("ConnectionRefusedError")
+    assert "kept pending" in logs[-1] and "1.2.3" in logs[-1]
+    assert first.retry_pending() == 0  # not due yet
+    now[0] = 1010.0
+    assert first.retry_pending() == 1  # one attempt per round: refused again
+    assert store.load()["st"]["rounds"] == 2 and store.load()["st"]["next"] == 1030.0
+
+    # Orthanc restarts: the kept notification is loaded and due at once.
+    second = notifier()
+    assert set(second.kept) == {"st"}
+    assert second.retry_pending() == 1  # HTTP 503: still kept
+    assert store.load()["st"]["error"] == "HTTP 503"
+    now[0] = 2000.0
+    assert second.retry_pending() == 1
+    assert store.load() == {} and api.metadata  # delivered and remembered
+    assert "from the pending list" in logs[-1]
+
+
+def test_notifier_drops_a_notification_only_after_the_max_age():
+    api, logs, now = _FakeApi(), [], [0.0]
+    cfg = plugin.load_config({}, environ={"PACS_AGENT_WEBHOOK_SECRET": SECRET})
+    cfg.update(MaxAttempts=1, PendingBackoffSeconds=60.0, PendingMaxAgeSeconds=3600.0)
+    store = plugin.MemoryStore()
+    notifier = plugin.Notifier(
+        cfg,
+        api,
+        logs.append,
+        logs.append,
+        post=lambda *a: 500,
+        store=store,
+        clock=lambda: now[0],
+    )
+    notifier.process("st")
+    now[0] = 3000.0
+    assert notifier.retry_pending() == 1 and "st" in store.load()
+    now[0] = 3700.0
+    assert notifier.retry_pending() == 1
+    assert store.load() == {}
+    assert "dropped after 3700 s pending (HTTP 500)" in logs[-1]
+    assert "/pacs-agent/studies/st/notify" in logs[-1]
+
+
+def test_global_property_store_round_trip():
+    props: dict[int, str] = {}
+    store = plugin.GlobalPropertyStore(
+        lambda p, d: props.get(p, d), lambda p, v: props.__setitem__(p, v), 5471
+    )
+    assert store.load() == {}
+    store.save({"a": {"rounds": 1}})
+    assert json.loads(props[5471]) == {"a": {"rounds": 1}} and store.load() == {"a": {"rounds": 1}}
+    props[5471] = "not json"
+    assert store.load() == {}
+    with pytest.raises(ValueError, match="1024"):
+        plugin.load_config({"PacsAgent": {"PendingGlobalProperty": 7}}, environ={})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -545,3 +627,47 @@ def test_logs_carry_no_patient_data(pacs):
     assert plugin_lines
     for value in (str(ds.PatientName), str(ds.PatientID)):
         assert value and not any(value in line for line in plugin_lines)
+
+
+@requires_orthanc
+def test_a_failed_notification_survives_an_orthanc_restart(recorder, tmp_path):
+    """The agent is down through every attempt: the notification is kept in Orthanc's global
+    property; Orthanc restarts; the agent is back; the notification arrives (no new stable
+    event is needed)."""
+    args = dict(
+        workdir=tmp_path / "orthanc-pending",
+        http_port=free_port(),
+        dicom_port=free_port(),
+        webhook_url=recorder.url,
+        webhook_secret=SECRET,
+        stable_age=STABLE_AGE,
+        plugin_settings={
+            "MaxAttempts": 2,
+            "BackoffSeconds": 0.2,
+            "PendingBackoffSeconds": 60,  # no round of its own before the restart
+        },
+    )
+    path, study_uid = make_dicom(tmp_path)
+    recorder.plan[study_uid] = [503] * 2
+    server = start_orthanc(**args)
+    try:
+        study_id = server.upload(path.read_bytes())["ParentStudy"]
+        recorder.wait_for(study_uid, 2, timeout=30)
+        kept = wait_until(
+            lambda: server.get_json("/pacs-agent/pending"), 10, message="nothing kept pending"
+        )
+        assert set(kept) == {study_id} and kept[study_id]["error"] == "HTTP 503"
+        server.wait_for_log(f"webhook for study {study_id} (StudyInstanceUID {study_uid}) kept")
+    finally:
+        server.stop()
+    assert len(recorder.for_study(study_uid)) == 2  # nothing delivered before the restart
+
+    server = start_orthanc(**args)
+    try:
+        requests = recorder.wait_for(study_uid, 3, timeout=30)
+        assert requests[2]["status"] == 202
+        assert_valid_webhook(requests[2], study_uid, study_id)
+        server.wait_for_log("from the pending list")
+        wait_until(lambda: server.get_json("/pacs-agent/pending") == {}, 10)
+    finally:
+        server.stop()

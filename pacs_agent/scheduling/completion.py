@@ -15,7 +15,16 @@ import logging
 
 from sqlalchemy import select, update
 
-from pacs_agent.db.models import Job, JobStatus, Study, StudyStatus, utcnow
+from pacs_agent import metrics
+from pacs_agent.db.models import (
+    Job,
+    JobStatus,
+    PullRequestRow,
+    PullStatus,
+    Study,
+    StudyStatus,
+    utcnow,
+)
 from pacs_agent.db.session import Database, record_event
 from pacs_agent.receiving.store import InstanceStore
 from pacs_agent.scheduling.priority import broker_number
@@ -48,8 +57,8 @@ def complete_study(
 
     Routing reads the instances' headers from ``store`` (the rules' ``tags``); one job per
     (study, pipeline, version), with the rule's priority class (else the study's incoming one,
-    else routine), its destinations resolved to URLs (none named: ``default_destinations``)
-    and its notification channel names."""
+    else routine), its destinations as credential-free references (none named:
+    ``default_destinations``) and its notification channel names."""
     router = router or Router(store, default_pipeline=default_pipeline)
     with db.session() as s:
         claimed = s.execute(  # type: ignore[attr-defined]
@@ -66,6 +75,7 @@ def complete_study(
         study = s.get_one(Study, study_id)
         facts = study_facts(s, study)
         decision = router.decide(s, study, facts)
+        metrics.completed(study.first_received_at, decision.action)
         for warning in decision.warnings:
             record_event(s, "rule.error", warning, study_id=study_id, level="warning")
         record_event(
@@ -95,7 +105,8 @@ def complete_study(
             )
             if existing is not None:
                 continue
-            urls, warnings = resolve_destinations(s, plan.destinations, ctx, default_destinations)
+            # References only (credentials masked): the worker resolves them when it delivers.
+            refs, warnings = resolve_destinations(s, plan.destinations, ctx, default_destinations)
             for warning in warnings:
                 record_event(s, "rule.destination", warning, study_id=study_id, level="warning")
             cls = plan.priority or study.incoming_priority or "routine"
@@ -105,7 +116,7 @@ def complete_study(
                 pipeline=plan.pipeline,
                 priority=broker_number(cls),
                 priority_class=cls,
-                destinations=urls,
+                destinations=refs,
                 notify=list(plan.notify),
                 rule_name=plan.rule_name,
                 rule_version=plan.rule_version,
@@ -153,12 +164,23 @@ class CompletionChecker:
         return self.quiet
 
     def complete_quiet_studies(self) -> list[int]:
-        """Complete every receiving study whose rule's condition or quiet period is met."""
+        """Complete every receiving study whose rule's condition or quiet period is met. A study
+        Orthanc's pull is still bringing in (a pending or running pull request) waits for the
+        pull, which completes it when every instance is in (or marks it failed)."""
         now = utcnow()
         ready: list[tuple[int, int, str]] = []
+        being_pulled = select(PullRequestRow.study_instance_uid).where(
+            PullRequestRow.study_instance_uid.is_not(None),
+            PullRequestRow.status.in_((PullStatus.PENDING.value, PullStatus.RUNNING.value)),
+        )
         with self.db.session() as s:
             receiving = list(
-                s.scalars(select(Study).where(Study.status == StudyStatus.RECEIVING.value))
+                s.scalars(
+                    select(Study).where(
+                        Study.status == StudyStatus.RECEIVING.value,
+                        Study.study_instance_uid.not_in(being_pulled),
+                    )
+                )
             )
             for study in receiving:
                 facts = study_facts(s, study)

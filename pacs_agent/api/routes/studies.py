@@ -27,14 +27,16 @@ from pacs_agent.db.models import (
     Instance,
     Job,
     JobStatus,
+    Notification,
     Pipeline,
+    PullRequestRow,
     Result,
     Study,
     StudyStatus,
 )
 from pacs_agent.db.session import record_event
-from pacs_agent.destinations import NAME_RE
-from pacs_agent.dispatching.notify import study_notifications
+from pacs_agent.destinations import NAME_RE, reference
+from pacs_agent.dispatching.notify import notification_summary
 from pacs_agent.scheduling import priority as prio
 from pacs_agent.scheduling.completion import complete_study
 
@@ -73,7 +75,18 @@ class JobSummary(BaseModel):
     triage: str | None
     rule: str | None
     rule_version: int | None
+    # The lease (GET /api/jobs/{id} also says whether the worker is alive).
+    worker: str | None = Field(default=None, description="worker holding or last holding it")
+    heartbeat_at: dt.datetime | None = Field(default=None, description="its last heartbeat")
     results: list[ResultSummary]
+
+
+class PullSummary(BaseModel):
+    id: int
+    orthanc_study_id: str
+    status: str
+    attempts: int
+    reason: str | None
 
 
 class StudySummary(BaseModel):
@@ -99,6 +112,9 @@ class StudySummary(BaseModel):
     completed_at: dt.datetime | None
     notifications: list[dict[str, Any]] = Field(
         default_factory=list, description="triage notifications (channel URLs masked)"
+    )
+    pull: PullSummary | None = Field(
+        default=None, description="the latest pull from Orthanc of this study (GET /api/pulls)"
     )
     instances: int
     jobs: list[JobSummary]
@@ -160,8 +176,64 @@ def findings_present(results: list[Result]) -> list[str]:
 
 
 def study_summary(s: Session, st: Study) -> dict[str, Any]:
-    jobs = s.scalars(select(Job).where(Job.study_id == st.id).order_by(Job.id)).all()
-    results_of = {j.id: list(s.scalars(select(Result).where(Result.job_id == j.id))) for j in jobs}
+    return study_summaries(s, [st])[0]
+
+
+def study_summaries(s: Session, studies: list[Study]) -> list[dict[str, Any]]:
+    """Summaries of a page of studies in a constant number of queries (jobs, results, instance
+    counts, notifications and pulls are each loaded once for the whole page)."""
+    ids = [st.id for st in studies]
+    if not ids:
+        return []
+    jobs_of: dict[int, list[Job]] = {i: [] for i in ids}
+    for j in s.scalars(select(Job).where(Job.study_id.in_(ids)).order_by(Job.id)):
+        jobs_of[j.study_id].append(j)
+    job_ids = [j.id for js in jobs_of.values() for j in js]
+    results_of: dict[int, list[Result]] = {i: [] for i in job_ids}
+    if job_ids:
+        for r in s.scalars(select(Result).where(Result.job_id.in_(job_ids)).order_by(Result.id)):
+            results_of[r.job_id].append(r)
+    count_of: dict[int, int] = {
+        sid: n
+        for sid, n in s.execute(
+            select(Instance.study_id, func.count(Instance.id))
+            .where(Instance.study_id.in_(ids))
+            .group_by(Instance.study_id)
+        )
+    }
+    notes_of: dict[int, list[dict[str, Any]]] = {i: [] for i in ids}
+    for n in s.scalars(
+        select(Notification).where(Notification.study_id.in_(ids)).order_by(Notification.id)
+    ):
+        notes_of[n.study_id].append(notification_summary(n))
+    pull_of: dict[str, dict[str, Any]] = {}
+    uids = [st.study_instance_uid for st in studies]
+    for p in s.scalars(
+        select(PullRequestRow)
+        .where(PullRequestRow.study_instance_uid.in_(uids))
+        .order_by(PullRequestRow.id)
+    ):  # the latest pull of each study wins
+        pull_of[p.study_instance_uid or ""] = {
+            "id": p.id,
+            "orthanc_study_id": p.orthanc_study_id,
+            "status": p.status,
+            "attempts": p.attempts,
+            "reason": p.last_error,
+        }
+    return [
+        _summary(st, jobs_of[st.id], results_of, count_of.get(st.id, 0), notes_of[st.id])
+        | {"pull": pull_of.get(st.study_instance_uid)}
+        for st in studies
+    ]
+
+
+def _summary(
+    st: Study,
+    jobs: list[Job],
+    results_of: dict[int, list[Result]],
+    instances: int,
+    notifications: list[dict[str, Any]],
+) -> dict[str, Any]:
     latest = jobs[-1] if jobs else None
     triage = max(
         (j.triage for j in jobs if j.triage), key=lambda t: TRIAGE_RANK.get(t, -1), default=None
@@ -186,14 +258,14 @@ def study_summary(s: Session, st: Study) -> dict[str, Any]:
         or st.incoming_priority
         or prio.DEFAULT_CLASS,
         "triage": triage,
-        "findings": findings_present([r for rs in results_of.values() for r in rs]),
+        "findings": findings_present([r for j in jobs for r in results_of[j.id]]),
         "last_instance_to_result_s": to_result,
         "first_received_at": st.first_received_at,
         "last_received_at": st.last_received_at,
         "completed_at": st.completed_at,
         # Triage notifications: status, attempts, last error (channel URLs masked).
-        "notifications": study_notifications(s, st.id),
-        "instances": s.scalar(select(func.count(Instance.id)).where(Instance.study_id == st.id)),
+        "notifications": notifications,
+        "instances": instances,
         "jobs": [
             {
                 "id": j.id,
@@ -206,6 +278,8 @@ def study_summary(s: Session, st: Study) -> dict[str, Any]:
                 "triage": j.triage,
                 "rule": j.rule_name,
                 "rule_version": j.rule_version,
+                "worker": j.worker,
+                "heartbeat_at": _aware(j.heartbeat_at),
                 "results": [
                     {
                         "kind": r.kind,
@@ -253,7 +327,9 @@ def list_studies(
 ) -> list[dict[str, Any]]:
     """Studies, newest first, with their state, priority, triage, findings and rule. ``rule``:
     a rule name, or ``(fallback)`` for studies no rule took; ``pipeline``: studies with a job of
-    that pipeline."""
+    that pipeline. A page is ``limit`` studies (at most 1000) from ``offset``, loaded in a
+    constant number of queries. Pulls that failed before any instance arrived are listed by
+    ``GET /api/pulls?status=failed``."""
     stmt = select(Study)
     if status:
         stmt = stmt.where(Study.status == status.value)
@@ -288,7 +364,7 @@ def list_studies(
             )
         stmt = stmt.where(Study.study_instance_uid.startswith(q))
     stmt = stmt.order_by(Study.id.desc()).limit(limit).offset(offset)
-    return [study_summary(s, st) for st in s.scalars(stmt)]
+    return study_summaries(s, list(s.scalars(stmt)))
 
 
 @router.get("/api/studies/{study_uid}", response_model=StudyDetail, responses={**AUTH, **NOT_FOUND})
@@ -414,7 +490,9 @@ def rerun(
             study_id=st.id,
             study_version=st.version,
             pipeline=body.pipeline,
-            destinations=list(latest.destinations) if latest else settings.destination_urls,
+            destinations=list(latest.destinations)
+            if latest
+            else [reference(u) for u in settings.destination_urls],
             notify=list(latest.notify or []) if latest else [],
         )
         s.add(job)

@@ -1,21 +1,28 @@
 """``POST /webhook/orthanc``: open to the network but HMAC-signed with a timestamp and a replay
-guard; the agent then pulls the stable study from Orthanc."""
+guard. The pull request is persisted (``pull_requests``) before the 202, in the same request, so
+an agent restart loses nothing; the agent's pull loop pulls it (``receiving/pull.py``)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from collections import OrderedDict
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.concurrency import run_in_threadpool
 
 from pacs_agent.api.deps import get_state
-from pacs_agent.receiving.pull import PullRequest
+from pacs_agent.db.session import Database
+from pacs_agent.receiving.pull import enqueue_pull
 from pacs_agent.webhook_auth import SIGNATURE_HEADER, TIMESTAMP_HEADER, WebhookAuthError, verify
 
 log = logging.getLogger(__name__)
+ORTHANC_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+UID = re.compile(r"^[0-9.]{1,64}$")
 router = APIRouter(tags=["webhook"])
 
 
@@ -50,7 +57,7 @@ def _replay_guard(request: Request) -> _ReplayGuard:
     responses={
         400: {"description": "body is not JSON with orthanc_study_id"},
         401: {"description": "missing, wrong, stale or replayed HMAC signature"},
-        503: {"description": "the Orthanc pull is not configured"},
+        503: {"description": "the pull request could not be persisted (database down)"},
     },
 )
 async def orthanc_webhook(request: Request) -> dict[str, Any]:
@@ -77,8 +84,37 @@ async def orthanc_webhook(request: Request) -> dict[str, Any]:
         raise HTTPException(
             status_code=400, detail="body must be JSON with orthanc_study_id"
         ) from None
-    if state.puller is None:
-        raise HTTPException(status_code=503, detail="Orthanc pull is not configured")
-    state.puller.submit(PullRequest(orthanc_id, payload.get("study_instance_uid")))
-    log.info("webhook: stable Orthanc study %s queued for pull", orthanc_id)
-    return {"accepted": True, "orthanc_study_id": orthanc_id}
+    study_uid = payload.get("study_instance_uid")
+    study_uid = str(study_uid) if study_uid else None
+    if not ORTHANC_ID.fullmatch(orthanc_id):
+        raise HTTPException(status_code=400, detail="orthanc_study_id is not an Orthanc id")
+    if study_uid is not None and not UID.fullmatch(study_uid):
+        raise HTTPException(status_code=400, detail="study_instance_uid is not a UID")
+    try:
+        pull_id, coalesced = await run_in_threadpool(_persist, state.db, orthanc_id, study_uid)
+    except SQLAlchemyError as exc:
+        log.error(
+            "webhook: pull of Orthanc study %s not persisted: %s", orthanc_id, type(exc).__name__
+        )
+        raise HTTPException(
+            status_code=503, detail="the pull request could not be persisted: try again"
+        ) from None
+    if state.puller is not None:
+        state.puller.wake()
+    log.info(
+        "webhook: stable Orthanc study %s persisted as pull %d%s",
+        orthanc_id,
+        pull_id,
+        " (coalesced with a pending one)" if coalesced else "",
+    )
+    return {
+        "accepted": True,
+        "orthanc_study_id": orthanc_id,
+        "pull_id": pull_id,
+        "coalesced": coalesced,
+    }
+
+
+def _persist(db: Database, orthanc_id: str, study_uid: str | None) -> tuple[int, bool]:
+    with db.session() as s:
+        return enqueue_pull(s, orthanc_id, study_uid)
