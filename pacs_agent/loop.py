@@ -2,9 +2,9 @@
 
 Each step has one home: completion (``scheduling.completion``), job dispatch to the broker
 (``scheduling.dispatch``), delivery retries (``dispatching.retries``), taking back jobs whose
-worker is gone (``cleaning.recovery``) and retention (``cleaning.retention``, every
-``housekeeping_every_s``). Every step is safe to run on several agents at once: each claims its
-rows with a guarded UPDATE.
+worker is gone, heartbeat stale or past the lease (``cleaning.recovery``), and retention
+(``cleaning.retention``, every ``housekeeping_every_s``). Every step is safe to run on several
+agents at once: each claims its rows with a guarded UPDATE.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ class AgentLoop:
         poll_s: float = 0.5,
         delivery_lease_s: float = 300.0,
         stale_job_s: float = 1800.0,
+        job_heartbeat_timeout_s: float = 60.0,
         quiet_period_by_ae: dict[str, float] | None = None,
         complete_on_release_aes: list[str] | None = None,
         housekeeping: Callable[[], object] | None = None,
@@ -63,6 +64,7 @@ class AgentLoop:
         self.dispatcher = JobDispatcher(db, celery, self.gate, offpeak_window=offpeak_window)
         self.retries = DeliveryRetrier(db, celery, self.gate, lease_s=delivery_lease_s)
         self.stale_job = dt.timedelta(seconds=stale_job_s)
+        self.job_heartbeat_timeout = dt.timedelta(seconds=job_heartbeat_timeout_s)
         self.housekeeping = housekeeping
         self.housekeeping_every_s = housekeeping_every_s
         self._next_housekeeping = 0.0
@@ -71,7 +73,8 @@ class AgentLoop:
 
     def run_once(self) -> None:
         self.completion.complete_quiet_studies()
-        requeue_stale_jobs(self.db, self.stale_job)
+        # Before dispatch: a job taken back from a dead worker is sent again in this pass.
+        requeue_stale_jobs(self.db, self.stale_job, self.job_heartbeat_timeout)
         self.dispatcher.dispatch_pending()
         self.retries.retry_due_deliveries()
         if self.housekeeping is not None and time.monotonic() >= self._next_housekeeping:

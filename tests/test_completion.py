@@ -102,6 +102,43 @@ def test_one_job_per_study_version_and_sent_after_commit(
     assert len(_queued_messages(broker_url)) == 2
 
 
+def test_loop_takes_back_a_job_whose_worker_stopped_beating_and_sends_it_again(
+    tmp_path: Path, database_url: str, broker_url: str
+) -> None:
+    """Recovery (cleaning.recovery) in the agent's pass: a running job whose heartbeat is older
+    than the heartbeat timeout goes back to pending and is dispatched again in the same pass;
+    one whose heartbeat is fresh is left to its worker."""
+    db, ingestor, loop = _setup(tmp_path, database_url, broker_url)
+    study_uid = _ingest(ingestor, "RG1_J2KR.dcm")
+    _age_studies(db)
+    loop.run_once()
+    assert len(_queued_messages(broker_url)) == 1
+    now = dt.datetime.now(dt.UTC)
+    with db.session() as s:  # what a worker's claim writes (workers.pipeline.claim_jobs)
+        s.execute(
+            update(Job).values(
+                status="running", worker="w:1", attempts=1, started_at=now, heartbeat_at=now
+            )
+        )
+        s.execute(update(Study).values(status="processing"))
+    loop.run_once()  # heartbeat fresh: still the worker's
+    with db.session() as s:
+        [job] = s.scalars(select(Job))
+        assert job.status == "running"
+    assert len(_queued_messages(broker_url)) == 1
+    with db.session() as s:  # the worker was killed 61 s ago: no heartbeat since
+        s.execute(update(Job).values(heartbeat_at=now - dt.timedelta(seconds=61)))
+    loop.run_once()
+    with db.session() as s:
+        [job] = s.scalars(select(Job))
+        study = s.scalar(select(Study).where(Study.study_instance_uid == study_uid))
+        kinds = [e.kind for e in s.scalars(select(Event).where(Event.job_id == job.id))]
+    assert job.status == "queued" and job.attempts == 1  # sent again; the claim counts attempts
+    assert study is not None and study.status == "queued"
+    assert "job.worker_lost" in kinds
+    assert len(_queued_messages(broker_url)) == 2
+
+
 def test_study_without_analysable_images_is_skipped_with_reason(
     tmp_path: Path, database_url: str, broker_url: str
 ) -> None:

@@ -78,7 +78,9 @@ def stack(
     agent.env["PACS_AGENT_DELIVERY_BACKOFF_MAX_S"] = "2"
     agent.env["PACS_AGENT_DELIVERY_ATTEMPTS"] = "60"
     agent.env["PACS_AGENT_BROKER_VISIBILITY_TIMEOUT_S"] = "8"
-    agent.env["PACS_AGENT_JOB_LEASE_S"] = "6"
+    # A killed worker's job is taken back when its heartbeat is 5 s old (defaults: 10 s / 60 s).
+    agent.env["PACS_AGENT_JOB_HEARTBEAT_S"] = "1"
+    agent.env["PACS_AGENT_JOB_HEARTBEAT_TIMEOUT_S"] = "5"
     orthanc_args = dict(
         workdir=tmp / "orthanc",
         http_port=orthanc_http,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from typing import Any
 
 from celery import Celery
@@ -20,6 +21,8 @@ settings = Settings()
 app: Celery = make_celery(settings)
 
 HEARTBEAT_S = 10.0
+# How often the heartbeat thread removes expired result files (and once at start).
+RESULT_PURGE_EVERY_S = 3600.0
 
 
 @app.task(name=TASK_PROCESS_JOB, bind=True, acks_late=True)
@@ -73,6 +76,9 @@ class Heartbeat:
         self.summaries = bundle_summaries(bundles)
         self.every_s = every_s
         self.started_at = utcnow()
+        self.results_root = s.results_dir
+        self.result_retention_days = s.result_retention_days
+        self._next_purge = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
@@ -89,12 +95,27 @@ class Heartbeat:
                 started_at=self.started_at,
             )
 
+    def purge_results_once(self) -> int:
+        """Remove this host's expired result files (pacs_agent.cleaning.retention)."""
+        from pacs_agent.cleaning.retention import purge_result_files
+
+        removed = purge_result_files(self.db, self.results_root, self.result_retention_days)
+        if removed:
+            log.info("retention: %d result files removed", removed)
+        return removed
+
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
                 self.beat_once()
             except Exception:
                 log.exception("worker heartbeat failed; retrying")
+            if time.monotonic() >= self._next_purge:
+                self._next_purge = time.monotonic() + RESULT_PURGE_EVERY_S
+                try:
+                    self.purge_results_once()
+                except Exception as exc:
+                    log.error("result retention failed (%s); retried later", type(exc).__name__)
             self._stop.wait(self.every_s)
 
     def start(self) -> None:
@@ -119,6 +140,29 @@ def served_bundles(s: Settings) -> dict[str, Any]:
         db.dispose()
 
 
+def start_metrics_server(s: Settings) -> bool:
+    """Serve this worker's Prometheus metrics (pacs_agent.metrics) on
+    ``PACS_AGENT_WORKER_METRICS_HOST:PORT`` (127.0.0.1 unless configured; port 0: off). The
+    solo pool runs the tasks in this process, so its registry is the one the work updates. A
+    port in use (a second worker on the host) is logged, not fatal."""
+    if not s.worker_metrics_port:
+        return False
+    from prometheus_client import start_http_server
+
+    try:
+        start_http_server(s.worker_metrics_port, addr=s.worker_metrics_host)
+    except OSError as exc:
+        log.warning(
+            "worker metrics not served on %s:%d: %s",
+            s.worker_metrics_host,
+            s.worker_metrics_port,
+            exc.strerror or type(exc).__name__,
+        )
+        return False
+    log.info("worker metrics on http://%s:%d/metrics", s.worker_metrics_host, s.worker_metrics_port)
+    return True
+
+
 def run_worker(s: Settings) -> int:
     global settings
     from pacs_agent.scheduling.pipelines import worker_queues
@@ -140,8 +184,11 @@ def run_worker(s: Settings) -> int:
         ", ".join(sorted(bundles)),
         ", ".join(queues),
     )
-    heartbeat = Heartbeat(s, name, bundles)
+    # The worker's row beats at least as often as its jobs' leases (workers/leases.py), so that
+    # "worker alive" and "job heartbeat fresh" agree (the job heartbeat timeout for both).
+    heartbeat = Heartbeat(s, name, bundles, every_s=min(HEARTBEAT_S, s.job_heartbeat_s))
     heartbeat.start()
+    start_metrics_server(s)
     # One process, one device; Celery's solo pool keeps the models in this process.
     argv = [
         "worker",
@@ -158,4 +205,5 @@ def run_worker(s: Settings) -> int:
         app.worker_main(argv)
     finally:
         heartbeat.stop()
+        ctx.leases.stop()
     return 0

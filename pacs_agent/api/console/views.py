@@ -35,6 +35,7 @@ from pacs_agent.db.models import (
     User,
     WorkerBeat,
 )
+from pacs_agent.scheduling.leases import lease_view
 from pacs_agent.scheduling.priority import CLASSES
 
 TRIAGE_ORDER = {"critical": 3, "urgent": 2, "routine": 1}
@@ -224,7 +225,11 @@ def study_header(s: Session, study_id: int, path_for: Callable[[str], Path]) -> 
 
 
 def study_detail(
-    s: Session, uid: str, path_for: Callable[[str], Path] | None = None
+    s: Session,
+    uid: str,
+    path_for: Callable[[str], Path] | None = None,
+    *,
+    heartbeat_timeout_s: float = 60.0,
 ) -> dict[str, Any] | None:
     st = s.scalar(select(Study).where(Study.study_instance_uid == uid))
     if st is None:
@@ -286,6 +291,7 @@ def study_detail(
     job_views = []
     for j in jobs:
         tag = f"job {j.id} ({j.pipeline})"
+        lease = lease_view(s, j, heartbeat_timeout_s)
         routed = (
             f"routed by rule {j.rule_name} v{j.rule_version}"
             if j.rule_name
@@ -371,6 +377,12 @@ def study_detail(
                 "attempts": j.attempts,
                 "error": j.error or "",
                 "retryable": j.status in ("failed", "done"),
+                # A running job's lease: its worker, last heartbeat, and whether the worker is
+                # alive; one whose worker is gone can be taken back (the retry action).
+                "worker": j.worker or "",
+                "heartbeat": when(j.heartbeat_at),
+                "worker_alive": lease["worker_alive"],
+                "take_back": lease["worker_alive"] is False,
                 "results": result_views,
             }
         )
