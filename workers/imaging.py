@@ -4,7 +4,13 @@ Three steps, each a plain function:
 
 - `decode(ds)`: stored pixels -> float32 [rows, columns] in 0..1 with bright = dense (the
   MONOCHROME2 sense), after the Modality LUT, the VOI window (from the header, else a robust
-  percentile window) and MONOCHROME1 inversion.
+  percentile window) and MONOCHROME1 inversion. A multi-frame image (XA, RF, Enhanced XA/XRF,
+  or any image with Number of Frames > 1) gives one frame, `analysed_frame(ds)`, and only that
+  frame is decoded (`pydicom.pixels.pixel_array(ds, index=...)`): its Representative Frame
+  Number (0028,6010) when it names a frame of the image, else the middle frame
+  (`(n + 1) // 2`, 1-based). The middle rather than the first frame: in an angiographic or
+  fluoroscopic run the first frames are often the mask before the contrast arrives (DSA), the
+  middle ones show the filled vessels or the examined motion.
 - `letterbox(image, size)`: the whole image scaled into a `size` x `size` square, the shorter side
   padded symmetrically; the returned `Transform` maps any map over that square (model input pixels
   or the patch-token grid) back onto exact source pixels.
@@ -21,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_color_lut, apply_modality_lut
+from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +35,7 @@ __all__ = [
     "ImageError",
     "Preprocessing",
     "Transform",
+    "analysed_frame",
     "decode",
     "decode_stored",
     "letterbox",
@@ -97,11 +104,42 @@ def _three(values: object) -> tuple[float, float, float]:
 # decode
 
 
-def decode(ds: Dataset) -> np.ndarray:
+def number_of_frames(ds: Dataset) -> int:
+    """Number of Frames (0028,0008), 1 when absent or unreadable."""
+    try:
+        value = ds.get("NumberOfFrames")
+        return max(1, int(value)) if value not in (None, "") else 1
+    except (TypeError, ValueError):
+        return 1
+
+
+def analysed_frame(ds: Dataset) -> int | None:
+    """The 1-based frame of a multi-frame image that is analysed and referenced by the
+    outputs; None for a single-frame image.
+
+    Representative Frame Number (0028,6010) when it names a frame of the image; otherwise
+    (absent, 0, beyond Number of Frames, unreadable) the middle frame, ``(n + 1) // 2``.
+    """
+    n = number_of_frames(ds)
+    if n <= 1:
+        return None
+    try:
+        representative = ds.get("RepresentativeFrameNumber")
+        chosen = int(representative) if representative not in (None, "") else None
+    except (TypeError, ValueError):
+        chosen = None
+    if chosen is not None and 1 <= chosen <= n:
+        return chosen
+    return (n + 1) // 2
+
+
+def decode(ds: Dataset, frame: int | None = None) -> np.ndarray:
     """Stored pixel data -> float32 [rows, columns], 0..1, bright = dense.
 
-    Multi-frame images give their first frame; colour images their luminance. Raises
-    `ImageError` for anything that cannot be analysed (no pixels, undecodable, too small, flat).
+    A multi-frame image gives one frame: ``frame`` (1-based), by default `analysed_frame(ds)`;
+    only that frame is decoded. Colour images give their luminance. Raises `ImageError` for
+    anything that cannot be analysed (no pixels, undecodable, too small, flat). Its messages
+    name the transfer syntax and the exception type, never a value of the dataset.
     """
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise ImageError("no pixel data")
@@ -112,19 +150,30 @@ def decode(ds: Dataset) -> np.ndarray:
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
     if not photometric:
         raise ImageError("no Photometric Interpretation")
+    n_frames = number_of_frames(ds)
+    if frame is None:
+        frame = analysed_frame(ds)
+    if frame is not None and not 1 <= frame <= n_frames:
+        raise ImageError(f"frame {frame} does not exist: the image has {n_frames} frame(s)")
     try:
-        arr = ds.pixel_array
+        if n_frames > 1 and frame is not None:
+            arr = pixel_array(ds, index=frame - 1)  # decodes only this frame
+        else:
+            arr = ds.pixel_array
     except Exception as exc:  # pydicom/pylibjpeg raise many kinds for bad or unknown encodings
         tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
+        where = f"frame {frame} of {n_frames}, " if n_frames > 1 else ""
+        # The exception's own text is left out: decoders may quote values of the dataset.
         raise ImageError(
-            f"cannot decode pixel data (transfer syntax {tsyntax}): {type(exc).__name__}: {exc}"
+            f"cannot decode pixel data ({where}transfer syntax {tsyntax}): {type(exc).__name__}"
         ) from exc
     return decode_stored(ds, arr)
 
 
 def decode_stored(ds: Dataset, arr: np.ndarray) -> np.ndarray:
     """The second half of `decode`: stored pixel values (as `ds.pixel_array` gives them, from
-    any decoder, e.g. a GPU one) -> float32 [rows, columns], 0..1, bright = dense."""
+    any decoder, e.g. a GPU one) -> float32 [rows, columns], 0..1, bright = dense. For a
+    multi-frame image ``arr`` is either one decoded frame or all frames (then the first)."""
     rows = int(ds.get("Rows", 0) or 0)
     cols = int(ds.get("Columns", 0) or 0)
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
@@ -141,7 +190,7 @@ def decode_stored(ds: Dataset, arr: np.ndarray) -> np.ndarray:
         try:
             rgb = apply_color_lut(arr, ds)
         except Exception as exc:
-            raise ImageError(f"cannot apply the palette colour LUT: {exc}") from exc
+            raise ImageError(f"cannot apply the palette colour LUT: {type(exc).__name__}") from exc
         out = _luminance(rgb, bits=_lut_bits(rgb))
     elif photometric in _COLOUR:
         # pydicom converts YBR to RGB by default when decoding.
@@ -165,7 +214,7 @@ def _decode_monochrome(ds: Dataset, stored: np.ndarray, invert: bool) -> np.ndar
     try:
         values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
     except Exception as exc:
-        raise ImageError(f"cannot apply the Modality LUT: {exc}") from exc
+        raise ImageError(f"cannot apply the Modality LUT: {type(exc).__name__}") from exc
 
     windowed = _header_window(ds, values)
     if windowed is None:

@@ -83,17 +83,73 @@ def check_algorithm(algorithm: AlgorithmInfo) -> None:
             raise ValueError(f"AlgorithmInfo.{name} is empty")
 
 
-def check_single_frame(source: Dataset) -> None:
-    if int(source.get("NumberOfFrames", 1) or 1) != 1:
-        raise ValueError(
-            f"source {source.SOPInstanceUID} is multi-frame; the writers handle single-frame "
-            "projection images only"
-        )
+def number_of_frames(source: Dataset) -> int:
+    """Number of Frames of ``source`` (1 when absent or unreadable)."""
+    try:
+        value = source.get("NumberOfFrames")
+        return max(1, int(value)) if value not in (None, "") else 1
+    except (TypeError, ValueError):
+        return 1
+
+
+class MultiFrameSource(ValueError):
+    """This writer cannot make its object from one frame of a multi-frame source."""
+
+
+def _check_source_identity(source: Dataset) -> None:
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
         if not source.get(keyword):
             raise ValueError(f"source has no {keyword}")
     if not source.get("Rows") or not source.get("Columns"):
         raise ValueError(f"source {source.SOPInstanceUID} has no Rows/Columns")
+
+
+def check_single_frame(source: Dataset, writer: str = "this writer") -> None:
+    """Raise :class:`MultiFrameSource` for a multi-frame source (SEG and Parametric Map:
+    highdicom 0.28 builds them from one frame only for a single-frame source without a
+    Frame of Reference; X-ray multi-frame images have no per-frame plane positions)."""
+    if number_of_frames(source) != 1:
+        raise MultiFrameSource(
+            f"source {source.SOPInstanceUID} has {number_of_frames(source)} frames; {writer} is "
+            "made for single-frame sources only (highdicom cannot derive it from one frame of "
+            "a multi-frame image without per-frame plane positions)"
+        )
+    _check_source_identity(source)
+
+
+def check_frame(source: Dataset, frame: int | None) -> list[int] | None:
+    """The Referenced Frame Number list for a reference to ``frame`` of ``source``.
+
+    A multi-frame source needs ``frame`` (1-based, within Number of Frames); a single-frame
+    source takes None (or 1, which is then not written). Raises ValueError otherwise.
+    """
+    _check_source_identity(source)
+    n = number_of_frames(source)
+    if n == 1:
+        if frame not in (None, 1):
+            raise ValueError(f"source {source.SOPInstanceUID} has one frame, not frame {frame}")
+        return None
+    if frame is None:
+        raise ValueError(
+            f"source {source.SOPInstanceUID} has {n} frames: the analysed frame must be named"
+        )
+    if not isinstance(frame, int) or not 1 <= frame <= n:
+        raise ValueError(f"frame {frame!r} is not a frame of the {n}-frame source")
+    return [frame]
+
+
+def frame_reference(source: Dataset, frame: int | None, *, purpose: Any = None) -> Dataset:
+    """An Image SOP Instance Reference item (PS3.3 C.10.3) to ``source``, with Referenced
+    Frame Number when ``source`` is multi-frame, and a Purpose of Reference when given."""
+    frames = check_frame(source, frame)
+    item = Dataset()
+    item.ReferencedSOPClassUID = source.SOPClassUID
+    item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    if frames is not None:
+        item.ReferencedFrameNumber = frames[0]
+    if purpose is not None:
+        item.PurposeOfReferenceCodeSequence = [hd.sr.CodedConcept.from_code(purpose)]
+    return item
 
 
 def check_same_study(sources: Sequence[Dataset]) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import highdicom as hd
 from pydicom import Dataset
@@ -58,16 +58,18 @@ def build_key_objects(
     algorithm: AlgorithmInfo,
     identity: OutputIdentity,
     *,
+    frames: Mapping[str, int] | None = None,
     created: dt.datetime | None = None,
 ) -> Dataset:
     """Build a Key Object Selection naming the ``sources`` that have a positive finding.
 
     ``sources`` and ``findings`` are those of the study's report; raises ValueError when no
-    finding is positive.
+    finding is positive. A multi-frame source is selected as a whole instance (the KOS IMAGE
+    item's frame list is optional); ``frames`` is checked as for the report.
     """
     common.check_identity(identity)
     common.check_algorithm(algorithm)
-    headers = check_inputs(sources, findings, None)
+    headers = check_inputs(sources, findings, None, frames)
     selected = positive_sources(headers, findings)
     if not selected:
         raise ValueError("no positive finding: a Key Object Selection needs at least one image")

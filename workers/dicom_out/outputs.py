@@ -25,6 +25,28 @@ produces the same objects and the PACS keeps one copy; a non-default flavour (Ba
 FRACTIONAL SEG) is a kind of its own, so switching the setting never reuses a UID for another
 SOP Class.
 
+Multi-frame sources (XA, RF, Enhanced XA, Enhanced XRF, or any image with Number of Frames >
+1), per kind; the analysed frame (``workers.imaging.analysed_frame``: Representative Frame
+Number, else the middle frame) is passed in ``frames`` and recorded in ``Result.source_frame``:
+
+======  ===============================================================================
+sr      written; the finding's IMAGE references (Source of Measurement, SCOORD, Basic Text
+        SR's Best illustration) carry Referenced Frame Number
+sc      written from the analysed frame; Source Image Sequence and Referenced Image Sequence
+        carry its Referenced Frame Number
+seg     skipped for that image (reason in the job's events): highdicom 0.28 makes a SEG of a
+        multi-frame source only with a Frame of Reference and per-frame plane positions,
+        which X-ray multi-frame images do not have
+pm      skipped for that image, for the same reason
+ko      written; the multi-frame image is selected as a whole instance
+======  ===============================================================================
+
+Isolation: each object of each image is built on its own. One that cannot be built (a writer
+refusing the source, a multi-frame source for SEG/PM) is left out and listed in
+``OutputSet.skipped`` with a reason that holds UIDs and our own words only (never a value of
+the source dataset), and the other images' objects are still made. An image whose findings a
+report cannot hold is left out of the report the same way.
+
 Localisation: each finding of an image with a non-empty segmentation is placed at the heatmap
 peak *inside* the segmented region (the union of its masks), so its SR SCOORD lands on the
 segmented anatomy; otherwise the runner's point (the heatmap peak) is kept.
@@ -35,14 +57,16 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal, cast
 
 import numpy as np
 from pydicom.dataset import Dataset
 
 from pacs_agent.uids import derive_uid
+from workers.dicom_out import common
 from workers.results import AlgorithmInfo, Finding, ImageResult, OutputIdentity
 
 logger = logging.getLogger(__name__)
@@ -127,6 +151,42 @@ def _seg_planes(result: ImageResult, seg_type: str) -> np.ndarray:
     return result.masks
 
 
+@dataclass(frozen=True)
+class OutputSkip:
+    """One object not made: its kind, the source image (None: the study's report) and why."""
+
+    kind: str
+    source_sop_instance_uid: str | None
+    reason: str
+
+    def describe(self) -> str:
+        where = self.source_sop_instance_uid or "study"
+        return f"{self.kind} for {where}: {self.reason}"
+
+
+@dataclass
+class OutputSet:
+    """The objects made for one study, the ones left out, and the analysed frames."""
+
+    outputs: list[tuple[str, Dataset, str | None]]
+    skipped: list[OutputSkip]
+    frames: dict[str, int]
+    # Images (SOP Instance UIDs) that got no object at all: neither an object of their own nor a
+    # place in the report.
+    images_without_outputs: list[str]
+
+
+def skip_reason(exc: BaseException, kind: str = "writer") -> str:
+    """A reason to record for an object that was not made, without patient data
+    (``workers.reasons.reason_for``: our writers' own texts are kept, a DICOM library's are
+    withheld since they may quote header values)."""
+    from workers.reasons import reason_for
+
+    if isinstance(exc, common.MultiFrameSource):
+        return "multi-frame source: not made from one frame (highdicom needs plane positions)"
+    return reason_for(exc, f"{kind} writer")
+
+
 def build_outputs(
     sources: Sequence[Dataset],
     results: Sequence[ImageResult],
@@ -135,18 +195,48 @@ def build_outputs(
     options: OutputOptions | None = None,
     triage: str | None = None,
     *,
+    frames: Mapping[str, int] | None = None,
     created: dt.datetime | None = None,
 ) -> list[tuple[str, Dataset, str | None]]:
     """All output objects for one study: (kind, dataset, source SOP UID or None).
 
+    The objects of :func:`build_output_set`; what could not be made is left out (logged).
+    """
+    return build_output_set(
+        sources,
+        results,
+        algorithm,
+        study_version,
+        options,
+        triage,
+        frames=frames,
+        created=created,
+    ).outputs
+
+
+def build_output_set(
+    sources: Sequence[Dataset],
+    results: Sequence[ImageResult],
+    algorithm: AlgorithmInfo,
+    study_version: int,
+    options: OutputOptions | None = None,
+    triage: str | None = None,
+    *,
+    frames: Mapping[str, int] | None = None,
+    created: dt.datetime | None = None,
+) -> OutputSet:
+    """All output objects for one study, each image's built on its own (see the module notes).
+
     ``triage`` is the study's triage level (``workers.pipeline.triage_level``), written in the
-    SR when given. ``created`` fixes the objects' creation date-times (default: now).
+    SR when given. ``frames`` maps the SOP Instance UID of each multi-frame source to the
+    1-based frame its result was made from (required for those sources). ``created`` fixes the
+    objects' creation date-times (default: now).
     """
     from workers.dicom_out.ko import build_key_objects, positive_sources
     from workers.dicom_out.pm import build_parametric_map
     from workers.dicom_out.sc import build_heatmap_sc
     from workers.dicom_out.seg import build_seg
-    from workers.dicom_out.sr import build_sr
+    from workers.dicom_out.sr import build_sr, check_inputs
     from workers.dicom_out.text_sr import build_text_sr
 
     options = options or OutputOptions()
@@ -168,71 +258,148 @@ def build_outputs(
         )
 
     seg_kind = "seg" if options.seg_type == "binary" else "seg-fractional"
+    frame_of = {k: int(v) for k, v in (frames or {}).items()}
     outputs: list[tuple[str, Dataset, str | None]] = []
+    skipped: list[OutputSkip] = []
+
+    def attempt(kind: str, src_uid: str | None, make: Callable[[], Dataset]) -> bool:
+        try:
+            outputs.append((kind, make(), src_uid))
+            return True
+        except Exception as exc:
+            reason = skip_reason(exc, kind)
+            skipped.append(OutputSkip(kind, src_uid, reason))
+            # A multi-frame source's SEG / PM are left out by design (info); anything else
+            # is a writer refusing a result (warning).
+            logger.log(
+                logging.INFO if isinstance(exc, common.MultiFrameSource) else logging.WARNING,
+                "study %s: %s not made for %s: %s",
+                study_uid,
+                kind,
+                src_uid or "the study",
+                type(exc).__name__,
+            )
+            logger.debug("writer failure", exc_info=True)
+            return False
+
+    in_report: list[ImageResult] = []
     for n, r in enumerate(results, start=1):
         src_uid = r.source_sop_instance_uid
-        src = by_uid[src_uid]
+        src = by_uid.get(src_uid)
+        if src is None:
+            skipped.append(OutputSkip("all", src_uid, "no source dataset for this result"))
+            continue
+        frame = frame_of.get(src_uid)
         if len(r.segment_labels) > 0 and np.asarray(r.masks).shape[0] > 0:
-            seg = build_seg(
-                src,
-                _seg_planes(r, options.seg_type),
-                r.segment_labels,
-                algorithm,
-                identity(src_uid, seg_kind, SEG_SERIES_NUMBER, n, "seg"),
-                segmentation_type=options.seg_type,
-                created=when,
+            attempt(
+                "seg",
+                src_uid,
+                partial(
+                    build_seg,
+                    src,
+                    _seg_planes(r, options.seg_type),
+                    r.segment_labels,
+                    algorithm,
+                    identity(src_uid, seg_kind, SEG_SERIES_NUMBER, n, "seg"),
+                    segmentation_type=options.seg_type,
+                    created=when,
+                ),
             )
-            outputs.append(("seg", seg, src_uid))
-        sc = build_heatmap_sc(
-            src,
-            r.display,
-            r.heatmap,
-            algorithm,
-            identity(src_uid, "sc", SC_SERIES_NUMBER, n, "sc"),
-            created=when,
-        )
-        outputs.append(("sc", sc, src_uid))
-        if options.parametric_map:
-            pm = build_parametric_map(
+        attempt(
+            "sc",
+            src_uid,
+            partial(
+                build_heatmap_sc,
                 src,
+                r.display,
                 r.heatmap,
                 algorithm,
-                identity(src_uid, "pm", PM_SERIES_NUMBER, n, "pm"),
+                identity(src_uid, "sc", SC_SERIES_NUMBER, n, "sc"),
+                frame=frame,
                 created=when,
+            ),
+        )
+        if options.parametric_map:
+            attempt(
+                "pm",
+                src_uid,
+                partial(
+                    build_parametric_map,
+                    src,
+                    r.heatmap,
+                    algorithm,
+                    identity(src_uid, "pm", PM_SERIES_NUMBER, n, "pm"),
+                    created=when,
+                ),
             )
-            outputs.append(("pm", pm, src_uid))
+        # Can the report hold this image's findings? Checked alone, so that one bad image
+        # leaves the report to the others.
+        image_findings = localise(r)
+        if image_findings:
+            try:
+                check_inputs([src], image_findings, triage, frame_of)
+            except Exception as exc:
+                skipped.append(OutputSkip("sr", src_uid, skip_reason(exc, "sr")))
+                continue
+        in_report.append(r)
 
-    analysed = [by_uid[r.source_sop_instance_uid] for r in results]
-    findings = [f for r in results for f in localise(r)]
+    analysed = [by_uid[r.source_sop_instance_uid] for r in in_report]
+    findings = [f for r in in_report for f in localise(r)]
+    report_made = False
     if findings:
         if options.sr_flavour == "tid1500":
-            sr = build_sr(
-                analysed,
-                findings,
-                algorithm,
-                identity(study_uid, "sr", SR_SERIES_NUMBER, 1, "sr"),
-                triage=triage,
-                created=when,
+            report_made = attempt(
+                "sr",
+                None,
+                lambda: build_sr(
+                    analysed,
+                    findings,
+                    algorithm,
+                    identity(study_uid, "sr", SR_SERIES_NUMBER, 1, "sr"),
+                    triage=triage,
+                    frames=frame_of,
+                    created=when,
+                ),
             )
         else:
-            sr = build_text_sr(
-                analysed,
-                findings,
-                algorithm,
-                identity(study_uid, "sr-basic-text", SR_SERIES_NUMBER, 1, "sr"),
-                triage=triage,
-                created=when,
+            report_made = attempt(
+                "sr",
+                None,
+                lambda: build_text_sr(
+                    analysed,
+                    findings,
+                    algorithm,
+                    identity(study_uid, "sr-basic-text", SR_SERIES_NUMBER, 1, "sr"),
+                    triage=triage,
+                    frames=frame_of,
+                    created=when,
+                ),
             )
-        outputs.insert(0, ("sr", sr, None))
+        if report_made:
+            outputs.insert(0, outputs.pop())  # the report first
     else:
         logger.info("study %s: no findings (bundle without classifier), no SR", study_uid)
     if options.key_objects and positive_sources(analysed, findings):
-        ko = build_key_objects(
-            analysed,
-            findings,
-            algorithm,
-            identity(study_uid, "ko", KO_SERIES_NUMBER, 1, "ko"),
-            created=when,
+        attempt(
+            "ko",
+            None,
+            lambda: build_key_objects(
+                analysed,
+                findings,
+                algorithm,
+                identity(study_uid, "ko", KO_SERIES_NUMBER, 1, "ko"),
+                frames=frame_of,
+                created=when,
+            ),
         )
-        outputs.append(("ko", ko, None))
-    return outputs
+    covered = {src for _, _, src in outputs if src is not None}
+    if report_made:
+        covered |= {str(ds.SOPInstanceUID) for ds in analysed}
+    return OutputSet(
+        outputs=outputs,
+        skipped=skipped,
+        frames=frame_of,
+        images_without_outputs=[
+            r.source_sop_instance_uid for r in results if r.source_sop_instance_uid not in covered
+        ],
+    )

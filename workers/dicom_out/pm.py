@@ -44,6 +44,11 @@ Geometry, and why (PS3.3 A.75, C.7.6.16; each checked with dciodvfy):
 - highdicom draws a random Dimension Organization UID; it is replaced by one derived from the
   output SOP Instance UID, so a retried job gives the same object.
 
+- Multi-frame sources (XA, RF, Enhanced XA/XRF) get no Parametric Map, for the reasons the SEG
+  writer gives (highdicom 0.28 derives a map from a multi-frame source only frame for frame with
+  plane positions): ``build_parametric_map`` raises ``common.MultiFrameSource`` and the job's
+  events say so.
+
 Reading back: highdicom 0.28.2 decodes a float frame only when pydicom has already decoded the
 pixel array (``ds.pixel_array`` first), else it asks for a Pixel Representation, which float
 pixel data does not have.
@@ -129,7 +134,7 @@ def build_parametric_map(
     """
     common.check_identity(identity)
     common.check_algorithm(algorithm)
-    common.check_single_frame(source)
+    common.check_single_frame(source, "a Parametric Map")
     shape = (int(source.Rows), int(source.Columns))
     heat = common.check_plane("heatmap", heatmap, shape)
 

@@ -4,6 +4,11 @@ The image is RGB, 8 bit, with the source's rows and columns, so it lies pixel fo
 source. Burned in: a banner "AI OUTPUT - <disclaimer>" across the top and a small colour legend
 (bottom right); Burned In Annotation is YES. The source is referenced from Source Image Sequence
 (purpose "Source image for image processing operation") and Referenced Image Sequence.
+
+Multi-frame sources (XA, RF, Enhanced XA/XRF): the SC shows the analysed frame
+(``workers.imaging.analysed_frame``) and both references carry its Referenced Frame Number
+(Type 1C in the Image SOP Instance Reference Macro: required when the reference is to some
+frames of a multi-frame image), so a viewer opens the source at that frame.
 """
 
 from __future__ import annotations
@@ -108,17 +113,6 @@ def burn_annotations(rgb: np.ndarray, banner: str) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8).copy()
 
 
-def _source_reference(source: Dataset, purpose: bool) -> Dataset:
-    item = Dataset()
-    item.ReferencedSOPClassUID = source.SOPClassUID
-    item.ReferencedSOPInstanceUID = source.SOPInstanceUID
-    if purpose:
-        item.PurposeOfReferenceCodeSequence = [
-            hd.sr.CodedConcept.from_code(codes.DCM.SourceImageForImageProcessingOperation)
-        ]
-    return item
-
-
 def _source_was_lossy(source: Dataset) -> bool:
     if str(source.get("LossyImageCompression", "")) == "01":
         return True
@@ -145,17 +139,19 @@ def build_heatmap_sc(
     algorithm: AlgorithmInfo,
     identity: OutputIdentity,
     *,
+    frame: int | None = None,
     created: dt.datetime | None = None,
 ) -> Dataset:
     """Build an RGB Secondary Capture: ``display`` in grey, ``heatmap`` as a colour overlay.
 
     ``display`` and ``heatmap`` are (rows, columns) arrays in [0, 1] in source geometry;
-    ``display`` is in MONOCHROME2 sense (bright = dense). ``created`` fixes the
-    creation/content date-times (default: now).
+    ``display`` is in MONOCHROME2 sense (bright = dense). ``frame``: the 1-based frame of a
+    multi-frame source they were made from (required then; None for a single-frame source).
+    ``created`` fixes the creation/content date-times (default: now).
     """
     common.check_identity(identity)
     common.check_algorithm(algorithm)
-    common.check_single_frame(source)
+    common.check_frame(source, frame)
     shape = (int(source.Rows), int(source.Columns))
     display = common.check_plane("display", display, shape)
     heatmap = common.check_plane("heatmap", heatmap, shape)
@@ -189,8 +185,12 @@ def build_heatmap_sc(
         f"{algorithm.name} {algorithm.version}, bundle sha256 {algorithm.checksum}. "
         f"{algorithm.disclaimer}"
     )[:1024]
-    sc.SourceImageSequence = [_source_reference(header, purpose=True)]
-    sc.ReferencedImageSequence = [_source_reference(header, purpose=False)]
+    sc.SourceImageSequence = [
+        common.frame_reference(
+            header, frame, purpose=codes.DCM.SourceImageForImageProcessingOperation
+        )
+    ]
+    sc.ReferencedImageSequence = [common.frame_reference(header, frame)]
     if _source_was_lossy(source):
         sc.LossyImageCompression = "01"
         for keyword in ("LossyImageCompressionRatio", "LossyImageCompressionMethod"):
@@ -198,6 +198,9 @@ def build_heatmap_sc(
                 setattr(sc, keyword, source[keyword].value)
     common.stamp_datetimes(sc, when)
     logger.info(
-        "built heatmap SC %s for source %s", identity.sop_instance_uid, source.SOPInstanceUID
+        "built heatmap SC %s for source %s%s",
+        identity.sop_instance_uid,
+        source.SOPInstanceUID,
+        f" frame {frame}" if frame is not None else "",
     )
     return sc

@@ -33,6 +33,12 @@ NEMA RG1 chest), each checked with dciodvfy:
   has Laterality R); the laterality stays with the referenced source image.
 - highdicom draws a random Dimension Organization UID; it is replaced by one derived from the
   output SOP Instance UID so that a retried job gives the same object.
+- Multi-frame sources (XA, RF, Enhanced XA/XRF) get no SEG: the IOD would allow a one-frame
+  SEG whose Derivation Image references the analysed frame, but highdicom 0.28 refuses a
+  multi-frame source without a Frame of Reference ("Only a single frame is supported when the
+  source image has no Frame of Reference UID"), and an Enhanced XA/XRF has no per-frame Plane
+  Position (Patient) to copy. ``build_seg`` raises ``common.MultiFrameSource``; the job's
+  events say that the SEG was skipped for that image (``outputs.build_output_set``).
 """
 
 from __future__ import annotations
@@ -137,7 +143,7 @@ def build_seg(
     """
     common.check_identity(identity)
     common.check_algorithm(algorithm)
-    common.check_single_frame(source)
+    common.check_single_frame(source, "a Segmentation")
     if segmentation_type not in SEGMENTATION_TYPES:
         raise ValueError(
             f"segmentation_type must be one of {sorted(SEGMENTATION_TYPES)}, "

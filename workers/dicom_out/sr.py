@@ -25,6 +25,11 @@ After the Imaging Measurements, a report-level Qualitative Evaluations container
 - a plain-language TEXT ``Summary`` (DCM 121111) of the findings and triage, for viewers that
   show an SR as text only.
 
+Multi-frame sources (XA, RF, Enhanced XA/XRF): a finding refers to the analysed frame
+(``workers.imaging.analysed_frame``, passed in ``frames``): the group's Source of Measurement
+IMAGE item and the SCOORD's selected IMAGE item carry its Referenced Frame Number (PS3.3
+C.18.3.1: required for a multi-frame image when the reference is to some of its frames).
+
 The disclaimer (``AlgorithmInfo.disclaimer``) also appears in the Device Observer Name, the
 Algorithm Name, the Contributing Equipment description, the summary, and (by the caller) the
 Series Description.
@@ -36,7 +41,7 @@ import datetime as dt
 import logging
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import highdicom as hd
 import numpy as np
@@ -191,9 +196,15 @@ def report_evaluations(
 
 
 def check_inputs(
-    sources: Sequence[Dataset], findings: Sequence[Finding], triage: str | None
+    sources: Sequence[Dataset],
+    findings: Sequence[Finding],
+    triage: str | None,
+    frames: Mapping[str, int] | None = None,
 ) -> list[Dataset]:
-    """Validate the inputs of a report; return the sources' header copies."""
+    """Validate the inputs of a report; return the sources' header copies.
+
+    ``frames``: SOP Instance UID -> the analysed 1-based frame of each multi-frame source.
+    """
     common.check_same_study(sources)
     common.check_triage(triage)
     if not findings:
@@ -201,7 +212,7 @@ def check_inputs(
     headers = [common.source_header(s) for s in sources]
     by_uid: dict[str, Dataset] = {}
     for header in headers:
-        common.check_single_frame(header)
+        common.check_frame(header, (frames or {}).get(str(header.SOPInstanceUID)))
         by_uid[str(header.SOPInstanceUID)] = header
     for finding in findings:
         _check_finding(finding, by_uid)
@@ -215,6 +226,7 @@ def build_sr(
     identity: OutputIdentity,
     *,
     triage: str | None = None,
+    frames: Mapping[str, int] | None = None,
     created: dt.datetime | None = None,
 ) -> Dataset:
     """Build a Comprehensive 3D SR (TID 1500) with one measurement group per finding.
@@ -223,12 +235,13 @@ def build_sr(
     ``finding.source_sop_instance_uid`` must be one of them. ``finding.point`` is read as the
     0-based (column, row) array index of a source pixel and written as that pixel's centre,
     (column + 0.5, row + 0.5), in SCOORD image coordinates (PS3.3 C.18.6.1.1). ``triage`` is the
-    study's triage level ("routine", "urgent", "critical"), written when given. ``created``
-    fixes the creation/content date-times (default: now).
+    study's triage level ("routine", "urgent", "critical"), written when given. ``frames``
+    maps the SOP Instance UID of each multi-frame source to its analysed (1-based) frame,
+    which the references name. ``created`` fixes the creation/content date-times (default: now).
     """
     common.check_identity(identity)
     common.check_algorithm(algorithm)
-    headers = check_inputs(sources, findings, triage)
+    headers = check_inputs(sources, findings, triage, frames)
     by_uid = {str(header.SOPInstanceUID): header for header in headers}
 
     when = created or dt.datetime.now()
@@ -238,6 +251,7 @@ def build_sr(
     uses_private = False
     for index, finding in enumerate(findings, start=1):
         source = by_uid[finding.source_sop_instance_uid]
+        frame_numbers = common.check_frame(source, (frames or {}).get(str(source.SOPInstanceUID)))
         code = finding_code(finding.label)
         uses_private |= code.scheme_designator == common.PRIVATE_SCHEME
         algorithm_id = hd.sr.AlgorithmIdentification(
@@ -258,7 +272,9 @@ def build_sr(
                     graphic_type=hd.sr.GraphicTypeValues.POINT,
                     # array indices -> centre of that pixel in SCOORD image coordinates
                     graphic_data=np.array([[column + 0.5, row + 0.5]], dtype=float),
-                    source_image=hd.sr.SourceImageForRegion.from_source_image(source),
+                    source_image=hd.sr.SourceImageForRegion.from_source_image(
+                        source, referenced_frame_numbers=frame_numbers
+                    ),
                 )
             ]
         probability = hd.sr.Measurement(
@@ -287,7 +303,11 @@ def build_sr(
                     value=codes.SCT.Present if finding.present else codes.SCT.Absent,
                 )
             ],
-            source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
+            source_images=[
+                hd.sr.SourceImageForMeasurementGroup.from_source_image(
+                    source, referenced_frame_numbers=frame_numbers
+                )
+            ],
         )
         # (121106, DCM, "Comment"): the finding's name, which OHIF shows as the text of the
         # drawn measurement ("Pleural effusion (present): Probability: 44.26 %").

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import highdicom as hd
@@ -99,16 +99,18 @@ def build_text_sr(
     identity: OutputIdentity,
     *,
     triage: str | None = None,
+    frames: Mapping[str, int] | None = None,
     created: dt.datetime | None = None,
 ) -> Dataset:
     """Build a Basic Text SR of ``findings`` on ``sources`` (one study).
 
     Same inputs and checks as :func:`workers.dicom_out.sr.build_sr`; ``finding.point`` is not
-    written (Basic Text SR has no spatial coordinates).
+    written (Basic Text SR has no spatial coordinates). The IMAGE item of a finding on a
+    multi-frame source names its analysed frame (``frames``) in Referenced Frame Number.
     """
     common.check_identity(identity)
     common.check_algorithm(algorithm)
-    headers = check_inputs(sources, findings, triage)
+    headers = check_inputs(sources, findings, triage, frames)
     by_uid = {str(header.SOPInstanceUID): header for header in headers}
     when = created or dt.datetime.now()
     labelled_name = f"{algorithm.name} [{algorithm.disclaimer}]"
@@ -144,6 +146,9 @@ def build_text_sr(
                 name=codes.DCM.BestIllustrationOfFinding,
                 referenced_sop_class_uid=source.SOPClassUID,
                 referenced_sop_instance_uid=source.SOPInstanceUID,
+                referenced_frame_numbers=common.check_frame(
+                    source, (frames or {}).get(str(source.SOPInstanceUID))
+                ),
                 relationship_type=hd.sr.RelationshipTypeValues.INFERRED_FROM,
             )
         )
