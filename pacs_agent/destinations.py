@@ -20,12 +20,15 @@ import socket
 import ssl
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 from urllib.parse import SplitResult, unquote, urlsplit
 
 import httpx
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from pacs_agent.settings import Settings
 
@@ -221,6 +224,65 @@ def unmask(new: str, stored: str | None) -> str:
             v = kept
         query.append((k, v))
     return p.with_(query=query).url()
+
+
+def identity(url: str) -> str:
+    """What makes a destination one place: the URL without its credentials, everything else
+    kept (scheme, AE title, host, port, path, the other query parameters). Deliveries are
+    unique per (result, identity), so two AE titles on one host are two destinations, and the
+    same peer reached with other credentials is the same one. Safe for logs and the database."""
+    try:
+        p = _Parts.of(url)
+    except ValueError:
+        return MASK
+    if p.scheme in _DICOM:
+        p = p.with_(password=None)  # the user part is the called AE title
+    else:
+        p = p.with_(user=None, password=None)  # HTTP basic user and password, or a token
+    return p.with_(query=[(k, v) for k, v in p.query if not (v and _secret_param(k))]).url()
+
+
+def reference(url: str) -> str:
+    """What a job stores for a destination: the URL with each credential replaced by ``***``
+    (``mask``). The secret stays where it was configured (the destinations table or
+    PACS_AGENT_DESTINATIONS) and ``resolve_reference`` fetches it at delivery time."""
+    masked = mask(url)
+    return url if masked == url else masked
+
+
+class CredentialsNotFound(LookupError):
+    """A job's destination needs credentials that are no longer configured anywhere."""
+
+
+def resolve_reference(ref: str, configured: Sequence[str]) -> str:
+    """The URL to deliver to for a job's destination reference: the reference itself when it
+    holds no masked credential, else the first ``configured`` URL whose reference it is
+    (``configured``: the destinations table's URLs first, then the settings' ones). Raises
+    CredentialsNotFound, with a message free of secrets, when none matches."""
+    if MASK not in ref:
+        return ref
+    for url in configured:
+        if reference(url) == ref:
+            return url
+    raise CredentialsNotFound(
+        f"the credentials of {identity(ref)} are not configured any more (destinations table "
+        "or PACS_AGENT_DESTINATIONS): enter them again, then retry the delivery"
+    )
+
+
+def configured_urls(session: Session, settings: Settings) -> list[str]:
+    """Every result destination URL that holds credentials here: the destinations table's
+    (enabled first), then PACS_AGENT_DESTINATIONS. Unmasked: for ``resolve_reference`` only."""
+    from pacs_agent.db.models import Destination
+
+    rows = session.scalars(
+        select(Destination)
+        .where(Destination.purpose == "destination")
+        .order_by(Destination.enabled.desc(), Destination.id)
+    ).all()
+    return [r.url for r in rows] + [
+        e.url for e in settings_entries(settings) if e.purpose == "destination"
+    ]
 
 
 # --------------------------------------------------------------------------------------------

@@ -152,3 +152,85 @@ def test_results_delivered_over_tls(tmp_path: Path, pki: Path) -> None:
         assert len(lst.instances()) == 1
     finally:
         lst.stop()
+
+
+def test_two_ae_titles_on_one_tls_host_each_get_every_result_once(
+    tmp_path: Path, pki: Path
+) -> None:
+    """Two dicom+tls:// destinations that differ only in the called AE title (one PACS that
+    files by AE title) are two destinations: each gets every result once, also when the job's
+    deliveries run again (a redelivered message). Observed at the peer, per association."""
+    import threading
+
+    from pydicom import dcmread
+    from pydicom.uid import generate_uid
+    from pynetdicom import evt
+    from sqlalchemy import select
+
+    from pacs_agent.db.models import Delivery, Job, Result, Study
+    from pacs_agent.db.session import Database
+    from pacs_agent.dispatching.delivery import deliver_job_results
+    from pacs_agent.dispatching.senders import client_tls_context, redact
+
+    lst = _tls_listener(tmp_path, pki)
+    received: list[tuple[str, str]] = []  # (called AE title, SOP Instance UID) per C-STORE-RQ
+    lock = threading.Lock()
+
+    def on_dimse(event: evt.Event) -> None:
+        cs = event.message.command_set  # type: ignore[attr-defined]
+        if "AffectedSOPInstanceUID" in cs and int(cs.CommandField) == 0x0001:  # C-STORE-RQ
+            with lock:
+                received.append(
+                    (
+                        str(event.assoc.requestor.primitive.called_ae_title).strip(),  # type: ignore[union-attr]
+                        str(cs.AffectedSOPInstanceUID),
+                    )
+                )
+
+    lst.server.bind(evt.EVT_DIMSE_RECV, on_dimse)
+    dests = [f"dicom+tls://{ae}@127.0.0.1:{lst.port}" for ae in ("ARCHIVE_A", "ARCHIVE_B")]
+    assert redact(dests[0]) != redact(dests[1])  # the AE title is part of the identity
+    url = f"sqlite:///{tmp_path / 'sender.db'}"
+    upgrade(url)
+    db = Database(url)
+    results = tmp_path / "results"
+    results.mkdir()
+    sops: list[str] = []
+    try:
+        with db.session() as s:
+            study = Study(study_instance_uid=generate_uid())
+            s.add(study)
+            s.flush()
+            job = Job(study_id=study.id, pipeline="default", destinations=dests)
+            s.add(job)
+            s.flush()
+            for name in ("CT_small.dcm", "MR_small.dcm"):
+                ds = dcmread(sample_path(name))
+                ds.SOPInstanceUID = generate_uid()
+                ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+                ds.save_as(results / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+                sops.append(str(ds.SOPInstanceUID))
+                s.add(
+                    Result(
+                        job_id=job.id,
+                        kind="sc",
+                        sop_instance_uid=ds.SOPInstanceUID,
+                        series_instance_uid=ds.SeriesInstanceUID,
+                        sop_class_uid=ds.SOPClassUID,
+                        path=f"{ds.SOPInstanceUID}.dcm",
+                    )
+                )
+            ids = (job.id, study.id)
+        ctx = client_tls_context(pki / "ca.crt", pki / "client.crt", pki / "client.key")
+        for _ in range(2):  # the second pass finds everything delivered: nothing is sent
+            outcome = deliver_job_results(db, ids[0], ids[1], dests, results_root=results, tls=ctx)
+            assert outcome.failed == [] and outcome.pending == []
+        with db.session() as s:
+            rows = [(d.destination, d.status, d.attempts) for d in s.scalars(select(Delivery))]
+        assert sorted(rows) == sorted((d, "done", 1) for d in dests for _ in sops)
+        assert sorted(received) == sorted(
+            (ae, sop) for ae in ("ARCHIVE_A", "ARCHIVE_B") for sop in sops
+        )
+    finally:
+        lst.stop()
+        db.dispose()

@@ -5,6 +5,11 @@ error, so an admin sees what failed and why. One pass makes one attempt per dest
 failed attempt schedules the next one with exponential backoff and jitter (the agent's loop sends
 the job back to a worker when it is due), until ``max_attempts``, when the delivery is failed
 and waits for a manual retry. Results already delivered are not sent again.
+
+A job names its destinations by reference (``pacs_agent.destinations.reference``: credentials
+masked); ``resolve`` turns a reference into the URL with its credentials, here, at delivery time.
+A delivery row is keyed by the destination's identity (``redact``: everything but the
+credentials), so two AE titles on one host are two destinations.
 """
 
 from __future__ import annotations
@@ -13,14 +18,16 @@ import datetime as dt
 import logging
 import random
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import select
 
+from pacs_agent import metrics
 from pacs_agent.db.models import Delivery, DeliveryStatus, Result, utcnow
 from pacs_agent.db.session import Database, record_event
+from pacs_agent.destinations import scrub
 from pacs_agent.dispatching.senders import redact, sender_for
 
 log = logging.getLogger(__name__)
@@ -51,10 +58,13 @@ def deliver_job_results(
     calling_ae: str = "PACSAGENT",
     tls: ssl.SSLContext | None = None,
     dicomweb_token: str | None = None,
+    resolve: Callable[[str], str] | None = None,
 ) -> DeliveryOutcome:
+    """``destinations``: the job's destination references (or plain URLs); ``resolve`` gives
+    each one's URL with credentials (None: used as given)."""
     outcome = DeliveryOutcome()
-    for url in destinations:
-        shown = redact(url)
+    for ref in destinations:
+        shown = redact(ref)
         with db.session() as s:
             results = s.scalars(
                 select(Result).where(Result.job_id == job_id).order_by(Result.id)
@@ -79,11 +89,13 @@ def deliver_job_results(
         if not todo:
             continue
         ids = [rid for rid, _ in todo]
+        url = ref
         try:
+            url = resolve(ref) if resolve is not None else ref
             sender = sender_for(url, calling_ae=calling_ae, tls=tls, dicomweb_token=dicomweb_token)
             sender.send([p for _, p in todo])
         except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
+            error = scrub(f"{type(exc).__name__}: {exc}", url)
             exhausted = _mark_failed_attempt(
                 db, ids, shown, error, max_attempts, backoff_s, backoff_max_s
             )
@@ -107,6 +119,7 @@ def deliver_job_results(
                         level="warning",
                     )
             log.warning("delivery of job %s to %s failed: %s", job_id, shown, error)
+            metrics.delivery(ref, "failed" if exhausted else "retry")
             (outcome.failed if exhausted else outcome.pending).append(f"{shown}: {error}")
             continue
         with db.session() as s:
@@ -126,6 +139,7 @@ def deliver_job_results(
                 job_id=job_id,
             )
         outcome.delivered += len(todo)
+        metrics.delivery(ref, "done")
     return outcome
 
 

@@ -25,6 +25,7 @@ from urllib.parse import unquote, urlparse
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from pacs_agent.destinations import identity
 from pacs_agent.receiving.store import fsync_dir
 
 # C-STORE statuses that mean "stored" (0xB000/0xB006/0xB007 are warnings, still stored).
@@ -42,13 +43,9 @@ class Sender(Protocol):
 
 
 def redact(url: str) -> str:
-    """The URL without credentials, for logs and the database."""
-    p = urlparse(url)
-    if p.password or p.username and p.scheme != "dicom":
-        host = p.hostname or ""
-        netloc = f"{host}:{p.port}" if p.port else host
-        return p._replace(netloc=netloc).geturl()
-    return url
+    """The destination's identity: the URL without credentials, everything else kept (the AE
+    title of ``dicom://`` and ``dicom+tls://`` included), for logs and the database."""
+    return identity(url)
 
 
 @dataclass

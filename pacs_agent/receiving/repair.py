@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 
 from pacs_agent.db.models import Instance, Study
 from pacs_agent.db.session import Database, record_event
@@ -37,11 +37,14 @@ def repair_store(db: Database, store: InstanceStore, ingestor: Ingestor) -> Repa
         tmp.unlink(missing_ok=True)
         report.temp_removed += 1
     with db.session() as s:
-        rows = s.execute(
-            select(Instance.id, Instance.path, Instance.reason, Study.purged_at).join(
-                Study, Study.id == Instance.study_id
+        query = select(Instance.id, Instance.path, Instance.reason, Study.purged_at).join(
+            Study, Study.id == Instance.study_id
+        )
+        if ingestor.stored_by:  # several agents on one database: only this agent's files
+            query = query.where(
+                or_(Instance.stored_by == ingestor.stored_by, Instance.stored_by.is_(None))
             )
-        ).all()
+        rows = s.execute(query).all()
     known = {r[1] for r in rows}
     for path in store.root.rglob("*.dcm"):
         if ".conflict-" in path.name:

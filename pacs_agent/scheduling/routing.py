@@ -17,6 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from pacs_agent.db.models import Destination, Instance, Rule, Series, Study
+from pacs_agent.destinations import reference
 from pacs_agent.receiving.store import InstanceStore
 from pacs_agent.scheduling.priority import more_urgent
 from pacs_agent.scheduling.rules import (
@@ -224,11 +225,14 @@ def sender_url(calling_ae: str, address: str) -> str:
 def resolve_destinations(
     s: Session, names: Sequence[str], ctx: StudyContext, defaults: Sequence[str]
 ) -> tuple[list[str], list[str]]:
-    """Destination names to URLs (no names: ``defaults``), and warnings for those that cannot be
-    resolved. ``sender`` is the Destination named after the calling AE if there is one, else
-    ``dicom://CALLING_AE@sender_address:104``."""
+    """Destination names to the references a job stores (no names: ``defaults``), and warnings
+    for those that cannot be resolved. ``sender`` is the Destination named after the calling AE
+    if there is one, else ``dicom://CALLING_AE@sender_address:104``.
+
+    A reference is the URL with its credentials masked (``pacs_agent.destinations.reference``):
+    no secret is copied into a job row; the worker looks it up when it delivers."""
     if not names:
-        return list(defaults), []
+        return list(dict.fromkeys(reference(u) for u in defaults)), []
     rows = {
         d.name: d
         for d in s.scalars(select(Destination).where(Destination.purpose == "destination"))
@@ -239,7 +243,7 @@ def resolve_destinations(
         if name == SENDER:
             row = rows.get(ctx.calling_ae) if ctx.calling_ae else None
             if row is not None and row.enabled:
-                urls.append(row.url)
+                urls.append(reference(row.url))
             elif ctx.calling_ae and ctx.sender_address:
                 urls.append(sender_url(ctx.calling_ae, ctx.sender_address))
             else:
@@ -252,7 +256,7 @@ def resolve_destinations(
         if row is None or not row.enabled:
             warnings.append(f"destination {name!r} left out: unknown or disabled")
             continue
-        urls.append(row.url)
+        urls.append(reference(row.url))
     return list(dict.fromkeys(urls)), warnings
 
 

@@ -297,6 +297,7 @@ def start_orthanc(
     plugin_settings: dict[str, Any] | None = None,
     extra_config: dict[str, Any] | None = None,
     startup_timeout: float = 30.0,
+    auth: tuple[str, str] | None = None,
 ) -> OrthancServer:
     """Start a real Orthanc and wait until its REST API answers.
 
@@ -305,6 +306,8 @@ def start_orthanc(
     plain PACS); ``python_plugin=False`` does not load the Python plugin at all.
     ``webhook_secret`` goes to the plugin through PACS_AGENT_WEBHOOK_SECRET, as in production.
     ``extra_config`` is merged last, at the top level of the configuration.
+    ``auth``: a registered (user, password) for the helper's own REST calls, when
+    ``extra_config`` turns authentication on.
     """
     reason = orthanc_available()
     if reason:
@@ -350,6 +353,8 @@ def start_orthanc(
         config_path=config_path,
         log_path=log_path,
     )
+    if auth is not None:
+        server.client.auth = httpx.BasicAuth(*auth)
     deadline = time.monotonic() + startup_timeout
     last_error: Exception | None = None
     while True:
