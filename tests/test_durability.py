@@ -8,18 +8,34 @@ import re
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 from sqlalchemy import select, update
 
-from pacs_agent.cleaning.retention import purge_expired
-from pacs_agent.db.models import Event, Instance, Study
+from pacs_agent.cleaning.retention import (
+    housekeeping,
+    purge_events,
+    purge_expired,
+    purge_result_files,
+)
+from pacs_agent.db.models import (
+    Delivery,
+    Event,
+    Instance,
+    Job,
+    PullRequestRow,
+    Refusal,
+    Result,
+    Study,
+)
 from pacs_agent.db.session import Database
 from pacs_agent.receiving.ingest import Ingestor, parse_part10
 from pacs_agent.receiving.repair import MISSING, repair_store
 from pacs_agent.receiving.store import InstanceStore
+from pacs_agent.settings import Settings
 from tests.conftest import AgentEnv, free_port, sample_path
 
 
@@ -255,3 +271,134 @@ def test_large_multiframe_streams_to_disk(tmp_path: Path, demo_bundle: Path) -> 
             assert a.read() == b.read()
     finally:
         agent.stop()
+
+
+# Retention of everything that grows (issue 10): events, refusals, pull requests, result files.
+
+
+def _study(s: Any, status: str) -> Study:
+    study = Study(study_instance_uid=generate_uid(), status=status)
+    s.add(study)
+    s.flush()
+    return study
+
+
+def _days_ago(days: float) -> dt.datetime:
+    return dt.datetime.now(dt.UTC) - dt.timedelta(days=days)
+
+
+def test_event_retention_keeps_recent_events_and_studies_in_flight(database_url: str) -> None:
+    db = Database(database_url)
+    with db.session() as s:
+        done, receiving, failed = _study(s, "done"), _study(s, "receiving"), _study(s, "failed")
+        rows = {
+            "old-done": Event(kind="k", message="m", study_id=done.id, at=_days_ago(100)),
+            "old-failed": Event(kind="k", message="m", study_id=failed.id, at=_days_ago(91)),
+            "old-no-study": Event(kind="k", message="m", at=_days_ago(200)),
+            "old-in-flight": Event(kind="k", message="m", study_id=receiving.id, at=_days_ago(100)),
+            "recent-done": Event(kind="k", message="m", study_id=done.id, at=_days_ago(10)),
+        }
+        s.add_all(rows.values())
+        s.flush()
+        ids = {name: e.id for name, e in rows.items()}
+    assert purge_events(db, retention_days=0) == 0  # 0 keeps everything
+    assert purge_events(db, retention_days=90) == 3
+    with db.session() as s:
+        left = set(s.scalars(select(Event.id)))
+    assert left == {ids["old-in-flight"], ids["recent-done"]}
+    assert purge_events(db, retention_days=90) == 0  # nothing more on the next pass
+    db.dispose()
+
+
+def test_refusal_and_pull_request_retention_through_housekeeping(
+    tmp_path: Path, database_url: str
+) -> None:
+    """The agent's housekeeping (wired into AgentLoop by pacs_agent.service) runs every purge:
+    old refusals and finished pull requests go; pending and running pulls stay at any age."""
+    db = Database(database_url)
+    with db.session() as s:
+        s.add_all(
+            [
+                Refusal(door="dimse", status=0xC210, reason="r", at=_days_ago(40)),
+                Refusal(door="stow", status=0xA900, reason="r", at=_days_ago(5)),
+            ]
+        )
+        pulls = {
+            "old-done": PullRequestRow(
+                orthanc_study_id="a", status="done", finished_at=_days_ago(40)
+            ),
+            "old-failed": PullRequestRow(
+                orthanc_study_id="b", status="failed", finished_at=_days_ago(40)
+            ),
+            "old-pending": PullRequestRow(
+                orthanc_study_id="c", status="pending", created_at=_days_ago(400)
+            ),
+            "old-running": PullRequestRow(
+                orthanc_study_id="d", status="running", created_at=_days_ago(400)
+            ),
+            "recent-done": PullRequestRow(
+                orthanc_study_id="e", status="done", finished_at=_days_ago(5)
+            ),
+        }
+        s.add_all(pulls.values())
+    settings = Settings(
+        data_dir=tmp_path, database_url=database_url, refusal_retention_days=30, retention_days=0
+    )
+    done = housekeeping(db, InstanceStore(tmp_path / "store"), settings)
+    assert (done.refusals, done.pull_requests, done.studies) == (1, 2, 0)
+    with db.session() as s:
+        assert [r.door for r in s.scalars(select(Refusal))] == ["stow"]
+        left = {p.orthanc_study_id for p in s.scalars(select(PullRequestRow))}
+    assert left == {"c", "d", "e"}
+    db.dispose()
+
+
+def test_result_files_go_only_when_their_job_is_done_and_delivered(
+    tmp_path: Path, database_url: str
+) -> None:
+    db = Database(database_url)
+    root = tmp_path / "results"
+    cases = {
+        # name: (job status, finished days ago, delivery statuses)
+        "old-delivered": ("done", 40, ["done", "done"]),
+        "old-no-destination": ("done", 40, []),
+        "old-pending-delivery": ("done", 40, ["done", "pending"]),
+        "old-failed-delivery": ("failed", 40, ["failed"]),
+        "old-delivering": ("delivering", 40, ["pending"]),
+        "recent-delivered": ("done", 5, ["done"]),
+    }
+    files: dict[str, Path] = {}
+    with db.session() as s:
+        for name, (status, days, deliveries) in cases.items():
+            study = _study(s, "done")
+            job = Job(
+                study_id=study.id, pipeline="chest", status=status, finished_at=_days_ago(days)
+            )
+            s.add(job)
+            s.flush()
+            rel = f"{study.study_instance_uid}/{generate_uid()}/{generate_uid()}.dcm"
+            files[name] = root / rel
+            files[name].parent.mkdir(parents=True)
+            files[name].write_bytes(b"result")
+            result = Result(
+                job_id=job.id,
+                kind="sr",
+                sop_instance_uid=generate_uid(),
+                series_instance_uid=generate_uid(),
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34",
+                path=rel,
+            )
+            s.add(result)
+            s.flush()
+            for i, d in enumerate(deliveries):
+                s.add(Delivery(result_id=result.id, destination=f"file:///d{i}", status=d))
+    assert purge_result_files(db, root, retention_days=0) == 0  # 0 keeps everything
+    assert purge_result_files(db, root, retention_days=30) == 2
+    gone = {name for name, f in files.items() if not f.exists()}
+    assert gone == {"old-delivered", "old-no-destination"}
+    # Their emptied series and study folders went with them; the result rows stay.
+    assert not files["old-delivered"].parent.parent.exists()
+    with db.session() as s:
+        assert len(s.scalars(select(Result)).all()) == len(cases)
+    assert purge_result_files(db, root, retention_days=30) == 0
+    db.dispose()

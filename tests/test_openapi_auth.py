@@ -28,11 +28,11 @@ from pacs_agent.security import ROLE_RANK, SERVICE_ROLE, role_allows
 from pacs_agent.settings import Settings
 
 SERVICE_TOKEN = "service-token-of-the-openapi-auth-test"
-# The only routes open without a credential (issue 8): health, metrics, the HMAC-signed webhook,
-# and the login that hands out a credential.
+# The only routes open without a credential (issue 8): health, the HMAC-signed webhook, and the
+# login that hands out a credential. /metrics is closed (issue 10): any role's token, or the
+# metrics token.
 OPEN = {
     ("GET", "/health"),
-    ("GET", "/metrics"),
     ("POST", "/webhook/orthanc"),
     ("POST", "/api/auth/login"),
 }

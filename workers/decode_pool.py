@@ -192,8 +192,9 @@ def prepare_source(sop: str, source: Any, size: int, prefer_gpu: bool = False) -
         image, backend = decode_auto(ds, prefer_gpu=prefer_gpu)
     except ImageError as exc:
         return Decoded(sop, None, str(exc), time.perf_counter() - t0, 0.0)
-    except Exception as exc:  # unreadable file
-        return Decoded(sop, None, f"{type(exc).__name__}: {exc}", time.perf_counter() - t0, 0.0)
+    except Exception as exc:  # unreadable file; pydicom's text can quote header values
+        why = f"unreadable: {type(exc).__name__}"
+        return Decoded(sop, None, why, time.perf_counter() - t0, 0.0)
     t1 = time.perf_counter()
     boxed, transform = letterbox(image, size)
     prepared = PreparedImage(sop=sop, display=image, boxed=boxed, transform=transform)

@@ -35,6 +35,7 @@ from sqlalchemy import insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from pacs_agent import metrics
 from pacs_agent.db.models import (
     Destination,
     Instance,
@@ -451,6 +452,7 @@ class NotificationLoop:
                 study_id=n.study_id,
                 job_id=n.job_id,
             )
+        metrics.notification(url, "sent")
         return True
 
     def _failed(self, notification_id: int, error: str) -> None:
@@ -460,6 +462,8 @@ class NotificationLoop:
             n.attempts += 1
             n.last_error = error
             shown = mask_url(n.channel)
+            exhausted = n.attempts >= self.settings.notify_attempts
+            metrics.notification(n.channel, "failed" if exhausted else "retry")
             if n.attempts >= self.settings.notify_attempts:
                 n.status = NotificationStatus.FAILED.value
                 n.next_attempt_at = None
