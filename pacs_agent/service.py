@@ -21,7 +21,7 @@ from sqlalchemy import select, text
 from pacs_agent import users
 from pacs_agent.api.app import AgentState, create_app
 from pacs_agent.broker import EmbeddedBroker
-from pacs_agent.cleaning.retention import purge_expired
+from pacs_agent.cleaning.retention import housekeeping
 from pacs_agent.db import migrate
 from pacs_agent.db.models import Pipeline
 from pacs_agent.db.session import Database
@@ -69,6 +69,7 @@ class Agent:
             self.store,
             min_free_bytes=settings.min_free_disk_mb * 1024 * 1024,
             stat_calling_aes=settings.stat_calling_aes,
+            stored_by=settings.resolved_agent_url,
         )
         self.celery = make_celery(settings)
         self.loop = AgentLoop(
@@ -79,9 +80,10 @@ class Agent:
             poll_s=settings.completion_poll_s,
             delivery_lease_s=settings.delivery_backoff_max_s,
             stale_job_s=settings.resolved_job_lease_s * 1.5,
+            job_heartbeat_timeout_s=settings.job_heartbeat_timeout_s,
             quiet_period_by_ae=settings.quiet_period_by_ae,
             complete_on_release_aes=settings.complete_on_release_aes,
-            housekeeping=lambda: purge_expired(self.db, self.store, settings.retention_days),
+            housekeeping=lambda: housekeeping(self.db, self.store, settings),
             offpeak_window=settings.offpeak_window,
             store=self.store,
             default_pipeline=settings.default_pipeline,

@@ -68,8 +68,13 @@ class Settings(BaseSettings):
     agent_url: str | None = None
     # A service bearer token for workers and scripts (role `service`: fetch instances, STOW-RS).
     # Users and their tokens live in the database (`pacs-agent users ...`); nothing is open
-    # without a credential except /health, /metrics and the HMAC-signed webhook.
+    # without a credential except /health and the HMAC-signed webhook.
     api_token: str | None = None
+    # A bearer token that may read GET /metrics only (Prometheus); any user's token may too.
+    metrics_token: str | None = None
+    # The worker's own /metrics (Prometheus) on this address and port; port 0: not served.
+    worker_metrics_host: str = "127.0.0.1"
+    worker_metrics_port: int = 9108
     # Console sessions: lifetime, and failed logins allowed per user and address per window.
     session_ttl_s: int = 8 * 3600
     login_attempts: int = 5
@@ -138,6 +143,18 @@ class Settings(BaseSettings):
     orthanc_url: str = "http://127.0.0.1:8042"
     orthanc_username: str | None = None
     orthanc_password: str | None = None
+    # Pulls are persisted (table pull_requests) and pulled by the agent's pull loop: attempts
+    # before a pull is failed, backoff between them (exponential from pull_backoff_s, capped),
+    # how long a claimed pull belongs to its agent without progress, how often the loop looks.
+    pull_attempts: int = Field(default=8, ge=1)
+    pull_backoff_s: float = Field(default=10.0, gt=0)
+    pull_backoff_max_s: float = Field(default=600.0, gt=0)
+    pull_lease_s: float = Field(default=300.0, gt=0)
+    pull_poll_s: float = Field(default=1.0, gt=0)
+    # Backstop for lost webhooks: read Orthanc's /changes (StableStudy) every
+    # pull_changes_every_s. Unset: on when PACS_AGENT_ORTHANC_URL is configured.
+    pull_changes: bool | None = None
+    pull_changes_every_s: float = Field(default=30.0, gt=0)
 
     # Worker
     worker_device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -147,6 +164,10 @@ class Settings(BaseSettings):
     # A running job belongs to its worker for this long (unset: the task time limit); after
     # that, a redelivered message or the agent's loop hands it to another worker.
     job_lease_s: int | None = None
+    # A worker refreshes the heartbeat of the jobs it runs this often; a running job whose
+    # heartbeat is older than the timeout lost its worker and is run again by another one.
+    job_heartbeat_s: float = Field(default=10.0, gt=0)
+    job_heartbeat_timeout_s: float = Field(default=60.0, gt=0)
     # Up to this many queued jobs share one model pass (a GPU does not want batch size 1).
     worker_batch_jobs: int = 8
     # Result delivery: attempts per destination before it is marked failed, and the backoff
@@ -167,6 +188,13 @@ class Settings(BaseSettings):
 
     # Remove the instance files of finished studies after this many days (0: keep them).
     retention_days: float = 0
+    # Remove events older than this many days, except those of studies not finished (0: keep).
+    event_retention_days: float = 90
+    # Remove refusal records and finished pull requests older than this many days (0: keep).
+    refusal_retention_days: float = 90
+    # Workers remove result files of jobs finished longer ago than this whose deliveries are all
+    # done (0: keep them).
+    result_retention_days: float = 30
 
     # Refuse C-STORE with 0xA700 when the data_dir filesystem has less free space than this.
     min_free_disk_mb: int = 500
@@ -210,6 +238,16 @@ class Settings(BaseSettings):
         for f in (self.tls_cert_file, self.tls_key_file, self.tls_ca_file):
             if f is not None and not f.is_file():
                 raise ValueError(f"TLS file not found: {f}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_job_heartbeat(self) -> Settings:
+        # Two missed heartbeats at least, or a live worker's jobs would be taken from it.
+        if self.job_heartbeat_timeout_s < 2 * self.job_heartbeat_s:
+            raise ValueError(
+                "PACS_AGENT_JOB_HEARTBEAT_TIMEOUT_S must be at least twice "
+                "PACS_AGENT_JOB_HEARTBEAT_S"
+            )
         return self
 
     @model_validator(mode="after")
@@ -271,6 +309,12 @@ class Settings(BaseSettings):
         if self.agent_url:
             return self.agent_url.rstrip("/")
         return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def resolved_pull_changes(self) -> bool:
+        if self.pull_changes is not None:
+            return self.pull_changes
+        return "orthanc_url" in self.model_fields_set
 
     @property
     def notify_urls(self) -> list[str]:

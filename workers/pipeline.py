@@ -30,6 +30,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
+from pacs_agent import metrics
 from pacs_agent.db.models import (
     Instance,
     Job,
@@ -40,14 +41,19 @@ from pacs_agent.db.models import (
     utcnow,
 )
 from pacs_agent.db.session import Database, record_event
+from pacs_agent.destinations import configured_urls, resolve_reference
 from pacs_agent.dispatching.delivery import deliver_job_results
 from pacs_agent.dispatching.senders import client_tls_context
 from pacs_agent.receiving.store import fsync_dir
 from pacs_agent.scheduling import claims as claim_rules
+from pacs_agent.scheduling import leases as job_leases
 from pacs_agent.scheduling import priority
+from pacs_agent.scheduling.leases import Token, fence
 from pacs_agent.scheduling.pipelines import queue_name
 from pacs_agent.settings import Settings
-from workers.dicom_out.outputs import OutputOptions, build_outputs
+from workers.dicom_out.outputs import OutputOptions, OutputSet, build_output_set
+from workers.leases import JobLeases
+from workers.reasons import hide_value_warnings, reason_for, trace
 from workers.results import AlgorithmInfo, ImageResult
 
 log = logging.getLogger(__name__)
@@ -65,6 +71,15 @@ class WorkerContext:
     _celery: Any = None
     # This worker's name (its heartbeat row), named in each job's "job.running" event.
     name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    _leases: JobLeases | None = None
+
+    @property
+    def leases(self) -> JobLeases:
+        """The jobs this process holds; their heartbeat thread starts with the first one."""
+        with self._lock:
+            if self._leases is None:
+                self._leases = JobLeases(self.db, self.settings.job_heartbeat_s)
+            return self._leases
 
     @property
     def lane(self) -> str:
@@ -132,6 +147,7 @@ _CONTEXT: WorkerContext | None = None
 def get_context(settings: Settings) -> WorkerContext:
     global _CONTEXT
     if _CONTEXT is None:
+        hide_value_warnings()  # no header values in the worker's log (workers/reasons.py)
         _CONTEXT = WorkerContext(settings, Database(settings.resolved_database_url))
     return _CONTEXT
 
@@ -140,9 +156,23 @@ class JobError(Exception):
     pass
 
 
-def fetch_instance(settings: Settings, sop_uid: str) -> Dataset:
+class LeaseLost(Exception):
+    """The job is no longer this worker's claim (taken back, or claimed by another worker)."""
+
+
+def fetch_instance(settings: Settings, sop_uid: str, db: Database | None = None) -> Dataset:
+    """The instance's file, over HTTP from the agent that stored it (``instances.stored_by``;
+    with several agents each holds its own); the configured agent URL when the row names none
+    or no database is given. Workers share no folder with any agent."""
+    agent = settings.resolved_agent_url
+    if db is not None:
+        with db.session() as s:
+            stored_by = s.scalar(
+                select(Instance.stored_by).where(Instance.sop_instance_uid == sop_uid)
+            )
+        agent = (stored_by or agent).rstrip("/")
     headers = {"authorization": f"Bearer {settings.api_token}"} if settings.api_token else {}
-    url = f"{settings.resolved_agent_url}/api/instances/{sop_uid}"
+    url = f"{agent}/api/instances/{sop_uid}"
     last: Exception | None = None
     for attempt in range(3):
         try:
@@ -190,6 +220,13 @@ class ClaimedJob:
     destinations: list[str]
     sops: list[str]
     priority_class: str = "routine"
+    # The claim's token (pacs_agent.scheduling.leases): who holds the job, for which attempt.
+    worker: str = ""
+    attempt: int = 0
+
+    @property
+    def token(self) -> Token:
+        return Token(self.job_id, self.worker, self.attempt)
 
 
 def _load_claimed(s: Session, job: Job, note: str) -> ClaimedJob:
@@ -218,16 +255,25 @@ def _load_claimed(s: Session, job: Job, note: str) -> ClaimedJob:
         list(job.destinations),
         sops,
         job.priority_class or priority.DEFAULT_CLASS,
+        job.worker or "",
+        job.attempts,
     )
 
 
-def _claimable_filter(pipeline: str, cutoff: dt.datetime) -> Any:
-    """Queued jobs of the pipeline, and running ones whose lease ran out (their worker died)."""
+def _claimable_filter(
+    pipeline: str,
+    now: dt.datetime,
+    lease: dt.timedelta,
+    heartbeat_timeout: dt.timedelta | None = None,
+) -> Any:
+    """Queued jobs of the pipeline, and running ones whose worker is gone: heartbeat older than
+    ``heartbeat_timeout`` (killed or paused), or started longer ago than ``lease`` (the backstop
+    for a hung worker whose heartbeat thread still beats)."""
     return and_(
         Job.pipeline == pipeline,
         or_(
             Job.status == JobStatus.QUEUED.value,
-            and_(Job.status == JobStatus.RUNNING.value, Job.started_at < cutoff),
+            job_leases.lost_filter(now, heartbeat_timeout or lease, lease),
         ),
     )
 
@@ -237,6 +283,7 @@ def claim_jobs(
     pipeline: str,
     *,
     lease: dt.timedelta,
+    heartbeat_timeout: dt.timedelta | None = None,
     lane: str = "all",
     aging_s: float = 600.0,
     offpeak_window: str | None = None,
@@ -246,18 +293,22 @@ def claim_jobs(
     worker: str | None = None,
 ) -> list[ClaimedJob]:
     """Claim the most urgent claimable job of ``pipeline`` and up to ``batch_size - 1`` more of
-    its class (pacs_agent.scheduling.claims), each with a guarded UPDATE so that two workers
-    never take the same job. ``above``: only jobs of a class more urgent than this one (an
-    interjection between the jobs of a batch). Empty when there is nothing this worker may take."""
+    its class (pacs_agent.scheduling.claims). Each claim writes the worker's name, the attempt
+    and a first heartbeat (the lease, pacs_agent.scheduling.leases) with a guarded UPDATE; on
+    PostgreSQL the chosen rows are locked first with ``SELECT ... FOR UPDATE SKIP LOCKED``, so
+    two workers never take the same job nor wait for each other. ``above``: only jobs of a class
+    more urgent than this one (an interjection between the jobs of a batch). Empty when there
+    is nothing this worker may take."""
+    me = worker or f"{socket.gethostname()}:{os.getpid()}"
+    skip_locked = db.engine.dialect.name == "postgresql"
     is_open = offpeak_window is None or claim_rules.offpeak_open(offpeak_window)
-    for _ in range(5):  # another worker may take the head first: look again
+    skipped: set[int] = set()  # rows another worker is claiming now (PostgreSQL)
+    for round_ in range(10):  # another worker may take the head first: look again
         at = now or utcnow()
-        cutoff = at - lease
+        claimable = _claimable_filter(pipeline, at, lease, heartbeat_timeout)
         with db.session() as s:
             rows = s.execute(
-                select(Job.id, Job.priority_class, Job.enqueued_at, Job.created_at).where(
-                    _claimable_filter(pipeline, cutoff)
-                )
+                select(Job.id, Job.priority_class, Job.enqueued_at, Job.created_at).where(claimable)
             ).all()
         candidates = [
             claim_rules.Candidate(jid, cls or priority.DEFAULT_CLASS, enq or created or at)
@@ -270,33 +321,48 @@ def claim_jobs(
         ordered = claim_rules.order(
             candidates, now=at, aging_s=aging_s, lane=lane, offpeak_is_open=is_open
         )
-        chosen = claim_rules.batch(ordered, batch_size)
+        chosen = claim_rules.batch([c for c in ordered if c.job_id not in skipped], batch_size)
         if not chosen:
             return []
         claimed: list[ClaimedJob] = []
         head_id = chosen[0].job_id
-        for c in chosen:
-            with db.session() as s:
+        with db.session() as s:
+            ids = [c.job_id for c in chosen]
+            if skip_locked:  # rows another worker is claiming right now are skipped, not waited
+                locked = set(
+                    s.scalars(
+                        select(Job.id)
+                        .where(Job.id.in_(ids), claimable)
+                        .with_for_update(skip_locked=True)
+                    )
+                )
+                skipped.update(c.job_id for c in chosen if c.job_id not in locked)
+                chosen = [c for c in chosen if c.job_id in locked]
+            for c in chosen:
+                started = utcnow()
                 taken = s.execute(  # type: ignore[attr-defined]
                     update(Job)
-                    .where(Job.id == c.job_id, _claimable_filter(pipeline, cutoff))
+                    .where(Job.id == c.job_id, claimable)
                     .values(
                         status=JobStatus.RUNNING.value,
                         attempts=Job.attempts + 1,
-                        started_at=utcnow(),
+                        started_at=started,
+                        heartbeat_at=started,
+                        worker=me,
                     )
                     .execution_options(synchronize_session=False)
                 ).rowcount
                 if taken != 1:
                     continue
                 note = "" if c.job_id == head_id else f", batched with job {head_id}"
-                if worker:
-                    note += f", worker {worker} ({lane} lane)"
-                claimed.append(
-                    _load_claimed(s, s.get_one(Job, c.job_id), f", {c.priority_class}{note}")
-                )
+                note += f", worker {me} ({lane} lane)"
+                job = s.get_one(Job, c.job_id, populate_existing=True)
+                job_leases.mark_processing(s, job)
+                claimed.append(_load_claimed(s, job, f", {c.priority_class}{note}"))
         if claimed:
             return claimed
+        if not skipped:  # taken between the look and the claim: look again
+            time.sleep(0.01 * (round_ + 1))
     return []
 
 
@@ -346,6 +412,38 @@ def _hand_on(ctx: WorkerContext, job_id: int) -> str:
     return "skipped"
 
 
+def _lease_lost(s: Session, token: Token, what: str) -> None:
+    """The event of a worker that lost its claim: its work is discarded, nothing written."""
+    job = s.get(Job, token.job_id)
+    record_event(
+        s,
+        "job.lease_lost",
+        f"worker {token.worker} lost its claim (attempt {token.attempt}); {what} discarded",
+        study_id=job.study_id if job is not None else None,
+        job_id=token.job_id,
+        level="warning",
+    )
+
+
+def _fence_or_raise(ctx: WorkerContext, token: Token | None, what: str) -> None:
+    """Before work that writes: stop here if the job is no longer this claim's."""
+    if token is None:
+        return
+    with ctx.db.session() as s:
+        held = fence(s, token)
+        if not held:
+            _lease_lost(s, token, what)
+    if not held:  # raised after the commit, so that the event stays
+        raise LeaseLost(f"job {token.job_id}: {what} discarded")
+
+
+def images_skipped_note(count: int | None) -> str | None:
+    """What an operator reads on a job that is done without some of its images."""
+    if not count:
+        return None
+    return f"done with {count} image{'s' if count != 1 else ''} skipped"
+
+
 def _finish(
     db: Database,
     job_id: int,
@@ -353,8 +451,14 @@ def _finish(
     error: str | None,
     delivering: bool = False,
     skipped: str | None = None,
-) -> None:
+    token: Token | None = None,
+) -> bool:
+    """Record a job's outcome and settle its study. With the claim's ``token`` the write is
+    fenced: a worker that no longer holds the job records ``job.lease_lost`` instead (False)."""
     with db.session() as s:
+        if token is not None and not fence(s, token):
+            _lease_lost(s, token, "its outcome" + (f" ({error})" if error else ""))
+            return False
         job = s.get_one(Job, job_id)
         study = s.get_one(Study, job.study_id)
         # A newer version of the study may be arriving: leave its state to the agent then.
@@ -380,6 +484,7 @@ def _finish(
             job.error = None
             if settle:
                 study.status = StudyStatus.DELIVERING.value
+                study.reason = images_skipped_note(job.images_skipped)
             record_event(
                 s,
                 "job.delivering",
@@ -391,14 +496,39 @@ def _finish(
             job.status = JobStatus.DONE.value
             job.error = None
             job.finished_at = utcnow()
+            note = images_skipped_note(job.images_skipped)
             if settle:
                 study.status = StudyStatus.DONE.value
-                study.reason = None
-            record_event(s, "job.done", f"triage {job.triage}", study_id=study.id, job_id=job.id)
+                study.reason = note
+            record_event(
+                s,
+                "job.done",
+                f"triage {job.triage}" + (f"; {note}" if note else ""),
+                study_id=study.id,
+                job_id=job.id,
+                level="warning" if note else "info",
+            )
+    metrics.job_finished(
+        "failed" if error else "skipped" if skipped else "delivering" if delivering else "done"
+    )
+    return True
 
 
-def _deliver(ctx: WorkerContext, job_id: int, study_id: int, destinations: list[str]) -> None:
+def _deliver(
+    ctx: WorkerContext,
+    job_id: int,
+    study_id: int,
+    destinations: list[str],
+    token: Token | None = None,
+) -> None:
+    """Deliver a job's results. ``destinations`` are the job's references (credentials masked);
+    their credentials are looked up here, now (destinations table, then this host's
+    PACS_AGENT_DESTINATIONS), and never written back anywhere."""
     settings = ctx.settings
+    _fence_or_raise(ctx, token, "its deliveries")  # a claim's deliveries: only while it holds
+    with ctx.db.session() as s:
+        configured = configured_urls(s, settings)
+    t_delivery = time.monotonic()
     outcome = deliver_job_results(
         ctx.db,
         job_id,
@@ -413,16 +543,20 @@ def _deliver(ctx: WorkerContext, job_id: int, study_id: int, destinations: list[
         if any(u.startswith("dicom+tls://") for u in destinations)
         else None,
         dicomweb_token=settings.dicomweb_token,
+        resolve=lambda ref: resolve_reference(ref, configured),
     )
+    metrics.stage_seconds("delivery", time.monotonic() - t_delivery)
     if outcome.failed:
-        _finish(ctx.db, job_id, error="delivery failed: " + "; ".join(outcome.failed))
+        metrics.failure("delivery")
+        _finish(ctx.db, job_id, error="delivery failed: " + "; ".join(outcome.failed), token=token)
     else:
-        _finish(ctx.db, job_id, error=None, delivering=bool(outcome.pending))
+        _finish(ctx.db, job_id, error=None, delivering=bool(outcome.pending), token=token)
 
 
 def deliver(ctx: WorkerContext, job_id: int) -> str:
-    """A delivery retry: send what is not delivered yet. Results made on another worker host are
-    not here; the job then runs again, which makes the same objects under the same UIDs."""
+    """A delivery retry: send what is not delivered yet (credentials resolved in ``_deliver``).
+    Results made on another worker host are not here; the job then runs again, which makes the
+    same objects under the same UIDs."""
     with ctx.db.session() as s:
         job = s.get(Job, job_id)
         if job is None or job.status != JobStatus.DELIVERING.value:
@@ -452,10 +586,19 @@ def _store_outputs(
     job_id: int,
     outputs: list[tuple[str, Dataset, str | None]],
     results: list[ImageResult],
+    token: Token | None = None,
+    *,
+    frames: dict[str, int] | None = None,
 ) -> None:
+    """Write the output files and upsert their result rows (``source_frame``: the analysed
+    frame of a multi-frame source, from ``frames``). With the claim's ``token`` the rows
+    are written in the transaction that fences the claim; a worker that lost it raises
+    LeaseLost before writing anything (files included)."""
     root = ctx.settings.results_dir
     with ctx.db.session() as s:
-        for kind, ds, source_uid in outputs:
+        # The fence locks the job's row until these rows commit: nobody takes the job meanwhile.
+        held = token is None or fence(s, token)
+        for kind, ds, source_uid in outputs if held else []:
             relpath = _write(root, ds)
             summary: dict[str, object] = {
                 "sop_class": ds.SOPClassUID.name,
@@ -486,6 +629,7 @@ def _store_outputs(
                         series_instance_uid=str(ds.SeriesInstanceUID),
                         sop_class_uid=str(ds.SOPClassUID),
                         source_sop_instance_uid=source_uid,
+                        source_frame=(frames or {}).get(source_uid) if source_uid else None,
                         path=relpath,
                         summary=summary,
                     )
@@ -493,6 +637,9 @@ def _store_outputs(
             else:
                 existing.path = relpath
                 existing.summary = summary
+                existing.source_frame = (frames or {}).get(source_uid) if source_uid else None
+    if not held:
+        _fence_or_raise(ctx, token, "its outputs")  # records job.lease_lost and raises
 
 
 @dataclass
@@ -500,20 +647,37 @@ class _Prepared:
     claim: ClaimedJob
     sources: list[Dataset] = field(default_factory=list)
     images: list[tuple[str, Any]] = field(default_factory=list)
+    # SOP Instance UID -> the analysed 1-based frame of each multi-frame source.
+    frames: dict[str, int] = field(default_factory=dict)
+    # "<sop>: <reason>" for each image left out: not decodable (skipped), or refused by the
+    # model when it ran alone (model_skipped).
+    skipped: list[str] = field(default_factory=list)
+    model_skipped: list[str] = field(default_factory=list)
 
 
 def _prepare(ctx: WorkerContext, claim: ClaimedJob) -> _Prepared:
-    from workers.imaging import ImageError, decode
+    from workers.imaging import ImageError, analysed_frame, decode
 
     prep = _Prepared(claim)
-    skipped: list[str] = []
+    skipped = prep.skipped
     for sop in claim.sops:
-        ds = fetch_instance(ctx.settings, sop)
+        ds = fetch_instance(ctx.settings, sop, ctx.db)
+        # One image that cannot be decoded is left out with its reason; the job goes on with
+        # the others. A multi-frame image gives one frame (imaging.analysed_frame).
         try:
-            prep.images.append((sop, decode(ds)))
-            prep.sources.append(ds)
+            frame = analysed_frame(ds)
+            image = decode(ds, frame)
         except ImageError as exc:
             skipped.append(f"{sop}: {exc}")
+            continue
+        except Exception as exc:
+            skipped.append(f"{sop}: {reason_for(exc, 'decode')}")
+            log.warning("image %s not decoded: %s\n%s", sop, type(exc).__name__, trace(exc))
+            continue
+        prep.images.append((sop, image))
+        prep.sources.append(ds)
+        if frame is not None:
+            prep.frames[sop] = frame
     if skipped:
         with ctx.db.session() as s:
             record_event(
@@ -527,6 +691,78 @@ def _prepare(ctx: WorkerContext, claim: ClaimedJob) -> _Prepared:
     if not prep.images:
         raise JobError("no image could be decoded: " + "; ".join(skipped))
     return prep
+
+
+def _record_output_skips(
+    ctx: WorkerContext, claim: ClaimedJob, p: _Prepared, made: OutputSet
+) -> int:
+    """Events for the objects not made (by design for a multi-frame source: info; a writer
+    that refused: warning). Returns the job's count of images skipped: left out before the
+    model (``p.skipped``) or without any output at all."""
+    by_design = [k for k in made.skipped if k.reason.startswith("multi-frame source")]
+    refused = [k for k in made.skipped if k not in by_design]
+    with ctx.db.session() as s:
+        if by_design:
+            record_event(
+                s,
+                "job.outputs_skipped",
+                "; ".join(
+                    f"{k.describe()} (frame {made.frames.get(k.source_sop_instance_uid or '')})"
+                    for k in by_design
+                ),
+                study_id=claim.study_id,
+                job_id=claim.job_id,
+            )
+        if refused:
+            record_event(
+                s,
+                "job.outputs_skipped",
+                "; ".join(k.describe() for k in refused),
+                study_id=claim.study_id,
+                job_id=claim.job_id,
+                level="warning",
+            )
+        if made.images_without_outputs:
+            record_event(
+                s,
+                "job.images_skipped",
+                "no output could be made for "
+                + ", ".join(made.images_without_outputs)
+                + " (see job.outputs_skipped)",
+                study_id=claim.study_id,
+                job_id=claim.job_id,
+                level="warning",
+            )
+    return len(p.skipped) + len(p.model_skipped) + len(made.images_without_outputs)
+
+
+def _run_model(runner: Any, prepared: list[_Prepared]) -> list[ImageResult]:
+    """The model over all images of the batch in one pass. If the pass fails, each image runs
+    alone, so that one image the model cannot take is left out (in its job's ``skipped``) and
+    the others are analysed; raises only when no image at all could be analysed."""
+    images = [img for p in prepared for img in p.images]
+    try:
+        return list(runner.run(images))
+    except Exception as exc:
+        if len(images) == 1:
+            raise
+        log.warning("model pass failed (%s): running the images one by one", type(exc).__name__)
+        first: Exception = exc
+    results: list[ImageResult] = []
+    for p in prepared:
+        kept = []
+        for (sop, image), ds in zip(p.images, p.sources, strict=True):
+            try:
+                results.extend(runner.run([(sop, image)]))
+                kept.append(((sop, image), ds))
+            except Exception as exc:
+                p.model_skipped.append(f"{sop}: {reason_for(exc, 'model')}")
+                log.warning("image %s not analysed: %s\n%s", sop, type(exc).__name__, trace(exc))
+        p.images = [img for img, _ in kept]
+        p.sources = [ds for _, ds in kept]
+    if not results:
+        raise first
+    return results
 
 
 def _quality_control(
@@ -625,6 +861,18 @@ def _interject(ctx: WorkerContext, pipeline: str, claim: ClaimedJob, nested: str
 
 
 def process(ctx: WorkerContext, job_id: int, *, _interject_above: str | None = None) -> str:
+    """A wake-up for ``job_id``'s pipeline (see ``_process``). The jobs it claims are held (their
+    heartbeat kept fresh by the worker's lease thread) until it returns."""
+    before = {t.job_id for t in ctx.leases.held()}
+    try:
+        return _process(ctx, job_id, _interject_above=_interject_above)
+    finally:
+        for t in ctx.leases.held():
+            if t.job_id not in before:
+                ctx.leases.release(t.job_id)
+
+
+def _process(ctx: WorkerContext, job_id: int, *, _interject_above: str | None = None) -> str:
     """A wake-up for ``job_id``'s pipeline: claim the most urgent jobs this worker may take
     (not necessarily ``job_id``) and run them in one model pass. Between the jobs of a batch,
     a stat or urgent job that arrived meanwhile (more urgent than the batch) is run at once,
@@ -640,6 +888,7 @@ def process(ctx: WorkerContext, job_id: int, *, _interject_above: str | None = N
         ctx.db,
         pipeline,
         lease=dt.timedelta(seconds=settings.resolved_job_lease_s),
+        heartbeat_timeout=dt.timedelta(seconds=settings.job_heartbeat_timeout_s),
         lane=ctx.lane,
         aging_s=settings.priority_aging_s,
         offpeak_window=settings.offpeak_window,
@@ -652,14 +901,18 @@ def process(ctx: WorkerContext, job_id: int, *, _interject_above: str | None = N
             return "skipped"
         log.info("job %s: nothing to claim in pipeline %s", job_id, pipeline)
         return _hand_on(ctx, job_id)
+    for claim in claims:
+        ctx.leases.hold(claim.token)
     prepared: list[_Prepared] = []
     for claim in claims:
         _interject(ctx, pipeline, claim, _interject_above)
         try:
-            prepared.append(_prepare(ctx, claim))
+            prepared.append(metrics.timed("fetch_decode", _prepare, ctx, claim))
         except Exception as exc:
-            log.exception("job %s failed while fetching or decoding", claim.job_id)
-            _finish(ctx.db, claim.job_id, error=f"{type(exc).__name__}: {exc}")
+            why = reason_for(exc, "fetch or decode")
+            log.error("job %s failed: %s\n%s", claim.job_id, why, trace(exc))
+            metrics.failure("fetch_decode")
+            _finish(ctx.db, claim.job_id, error=why, token=claim.token)
     if not prepared:
         return "failed"
     try:
@@ -672,7 +925,8 @@ def process(ctx: WorkerContext, job_id: int, *, _interject_above: str | None = N
             is_demo=bundle.is_demo,
         )
         t0 = time.monotonic()
-        all_results = runner.run([img for p in prepared for img in p.images])  # type: ignore[attr-defined]
+        all_results = _run_model(runner, prepared)
+        metrics.stage_seconds("encoder", time.monotonic() - t0)
         log.info(
             "pipeline %s: model ran on %d images of %d jobs in %.2f s",
             pipeline,
@@ -681,9 +935,12 @@ def process(ctx: WorkerContext, job_id: int, *, _interject_above: str | None = N
             time.monotonic() - t0,
         )
     except Exception as exc:
-        log.exception("model run failed for jobs %s", [p.claim.job_id for p in prepared])
+        why = reason_for(exc, "model")
+        ids = [p.claim.job_id for p in prepared]
+        log.error("model run failed for jobs %s: %s\n%s", ids, why, trace(exc))
         for p in prepared:
-            _finish(ctx.db, p.claim.job_id, error=f"{type(exc).__name__}: {exc}")
+            metrics.failure("model")
+            _finish(ctx.db, p.claim.job_id, error=why, token=p.claim.token)
         return "failed"
     by_uid = {r.source_sop_instance_uid: r for r in all_results}
     policy = getattr(bundle, "triage_policy", None)
@@ -698,8 +955,27 @@ def process(ctx: WorkerContext, job_id: int, *, _interject_above: str | None = N
         claim = p.claim
         _interject(ctx, pipeline, claim, _interject_above)
         try:
+            if p.model_skipped:
+                with ctx.db.session() as s:
+                    record_event(
+                        s,
+                        "job.images_skipped",
+                        "; ".join(p.model_skipped),
+                        study_id=claim.study_id,
+                        job_id=claim.job_id,
+                        level="warning",
+                    )
+            if not p.images:  # every image of this job failed in the model pass
+                _finish(
+                    ctx.db,
+                    claim.job_id,
+                    error="no image could be analysed: " + "; ".join(p.skipped + p.model_skipped),
+                    token=claim.token,
+                )
+                continue
             results, sources, refused = _quality_control(bundle, p, by_uid)
             if refused:
+                metrics.failure("quality_control")
                 with ctx.db.session() as s:
                     record_event(
                         s,
@@ -715,27 +991,56 @@ def process(ctx: WorkerContext, job_id: int, *, _interject_above: str | None = N
                     claim.job_id,
                     error=None,
                     skipped="quality control: " + "; ".join(refused),
+                    token=claim.token,
                 )
                 continue
             p.sources = sources
             triage = triage_level(results, policy)
-            outputs = build_outputs(
+            t_out = time.monotonic()
+            made = build_output_set(
                 p.sources,
                 results,
                 algorithm,
                 claim.study_version,
                 OutputOptions.from_settings(settings),
                 triage=triage,
+                frames=p.frames,
             )
-            _store_outputs(ctx, claim.job_id, outputs, results)
+            images_skipped = _record_output_skips(ctx, claim, p, made)
+            if not made.outputs:
+                metrics.failure("outputs")
+                _finish(
+                    ctx.db,
+                    claim.job_id,
+                    error="no output could be made: "
+                    + "; ".join(k.describe() for k in made.skipped),
+                    token=claim.token,
+                )
+                continue
+            outputs = made.outputs
+            _store_outputs(ctx, claim.job_id, outputs, results, claim.token, frames=made.frames)
+            metrics.stage_seconds("writers", time.monotonic() - t_out)
             with ctx.db.session() as s:
-                j = s.get_one(Job, claim.job_id)
-                j.bundle_checksum = bundle.checksum
-                _record_triage(s, settings, j, triage, results, bundle.is_demo)
-            _deliver(ctx, claim.job_id, claim.study_id, claim.destinations)
+                held = fence(s, claim.token)
+                if held:
+                    j = s.get_one(Job, claim.job_id)
+                    j.bundle_checksum = bundle.checksum
+                    j.images_skipped = images_skipped or None
+                    _record_triage(s, settings, j, triage, results, bundle.is_demo)
+            if not held:
+                _fence_or_raise(ctx, claim.token, "its triage")  # records and raises
+            _deliver(ctx, claim.job_id, claim.study_id, claim.destinations, claim.token)
+        except LeaseLost as exc:
+            # Taken back (its heartbeat went stale) and maybe run by another worker: this
+            # worker's work on it is discarded; the job.lease_lost event says so.
+            log.warning("%s: this worker lost its claim", exc)
+            if claim.job_id == job_id:
+                status = "discarded"
         except Exception as exc:
-            log.exception("job %s failed", claim.job_id)
-            _finish(ctx.db, claim.job_id, error=f"{type(exc).__name__}: {exc}")
+            why = reason_for(exc, "outputs")
+            log.error("job %s failed: %s\n%s", claim.job_id, why, trace(exc))
+            metrics.failure("outputs")
+            _finish(ctx.db, claim.job_id, error=why, token=claim.token)
             if claim.job_id == job_id:
                 status = "failed"
     return status

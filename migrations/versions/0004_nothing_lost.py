@@ -62,18 +62,22 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("worker", sa.String(length=128), nullable=True))
         batch_op.add_column(sa.Column("heartbeat_at", sa.DateTime(timezone=True), nullable=True))
         batch_op.create_index(batch_op.f("ix_jobs_heartbeat_at"), ["heartbeat_at"], unique=False)
+        batch_op.add_column(sa.Column("images_skipped", sa.Integer(), nullable=True))
     with op.batch_alter_table("results", schema=None) as batch_op:
         batch_op.add_column(sa.Column("source_frame", sa.Integer(), nullable=True))
     with op.batch_alter_table("instances", schema=None) as batch_op:
         batch_op.add_column(sa.Column("number_of_frames", sa.Integer(), nullable=True))
+        batch_op.add_column(sa.Column("stored_by", sa.String(length=255), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("instances", schema=None) as batch_op:
+        batch_op.drop_column("stored_by")
         batch_op.drop_column("number_of_frames")
     with op.batch_alter_table("results", schema=None) as batch_op:
         batch_op.drop_column("source_frame")
     with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.drop_column("images_skipped")
         batch_op.drop_index(batch_op.f("ix_jobs_heartbeat_at"))
         batch_op.drop_column("heartbeat_at")
         batch_op.drop_column("worker")

@@ -57,9 +57,12 @@ def create_app(state: AgentState) -> FastAPI:
         health,
         instances,
         jobs,
+        metrics,
         notifications,
         pipelines,
+        pulls,
         queue,
+        refusals,
         rules,
         studies,
         users,
@@ -81,6 +84,7 @@ def create_app(state: AgentState) -> FastAPI:
         auth,
         instances,
         studies,
+        pulls,
         jobs,
         notifications,
         rules,
@@ -89,6 +93,8 @@ def create_app(state: AgentState) -> FastAPI:
         queue,
         users,
         audit,
+        refusals,
+        metrics,
     ):
         app.include_router(module.router)
     app.include_router(stow_router)

@@ -41,6 +41,7 @@ class StudyStatus(enum.StrEnum):
     RECEIVING = "receiving"  # instances arriving; not yet complete
     COMPLETE = "complete"  # quiet period over; routing pending
     QUEUED = "queued"  # at least one job created
+    PROCESSING = "processing"  # a worker runs a job of the current version
     DELIVERING = "delivering"  # results made, some destinations not reached yet
     DONE = "done"
     FAILED = "failed"
@@ -131,6 +132,9 @@ class Instance(Base):
     acquisition_number: Mapped[int | None] = mapped_column(Integer)
     images_in_acquisition: Mapped[int | None] = mapped_column(Integer)
     number_of_frames: Mapped[int | None] = mapped_column(Integer)  # None: single frame
+    # The agent that holds the file (its URL, settings.resolved_agent_url): workers fetch the
+    # instance from there. None (rows from before 0004): the worker's configured agent.
+    stored_by: Mapped[str | None] = mapped_column(String(255))
 
     series: Mapped[Series] = relationship(back_populates="instances")
 
@@ -237,6 +241,9 @@ class Job(Base):
     # whose heartbeat is older than the heartbeat timeout lost its worker and may be taken back.
     worker: Mapped[str | None] = mapped_column(String(128))
     heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    # Images of the job that got no output (not decodable, not analysable, no object could be
+    # written); the job is still done with the others: "done with N images skipped".
+    images_skipped: Mapped[int | None] = mapped_column(Integer)
 
     study: Mapped[Study] = relationship(back_populates="jobs")
     results: Mapped[list[Result]] = relationship(back_populates="job")

@@ -8,19 +8,22 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import warnings
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID
+from pydicom.tag import BaseTag
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from sqlalchemy import select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from pacs_agent import metrics
 from pacs_agent.db.models import Instance, Series, Study, StudyStatus, utcnow
 from pacs_agent.db.session import Database, record_event
 from pacs_agent.dicom_facts import (
@@ -45,6 +48,22 @@ class IngestOutcome:
     facts: DatasetFacts
 
 
+_PYDICOM_TEXTS_HIDDEN = False
+
+
+def hide_pydicom_value_texts() -> None:
+    """pydicom warns (and logs) about invalid values with the value in the text: a received
+    dataset's values can be anything, patient data included. In the agent these warnings are
+    dropped and pydicom's logger keeps errors only; the agent's own refusal reasons name the
+    attribute instead. Process-wide and idempotent (called when an Ingestor is made)."""
+    global _PYDICOM_TEXTS_HIDDEN
+    if _PYDICOM_TEXTS_HIDDEN:
+        return
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    _PYDICOM_TEXTS_HIDDEN = True
+
+
 def parse_part10(data: bytes) -> Dataset:
     """Parse a DICOM Part 10 file; raise RejectedDataset(0xC210) if it is not one."""
     if not data:
@@ -54,11 +73,7 @@ def parse_part10(data: bytes) -> Dataset:
         # Touch every element so that a truncated or malformed body fails here, not later.
         for _elem in ds.iterall():
             pass
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OverflowError) as exc:
-        raise RejectedDataset(
-            STATUS_CANNOT_UNDERSTAND, f"not a readable DICOM file: {exc}"
-        ) from None
-    except Exception as exc:  # pydicom raises many types on garbage
+    except Exception as exc:  # pydicom raises many types on garbage; its texts carry values
         raise RejectedDataset(
             STATUS_CANNOT_UNDERSTAND, f"not a readable DICOM file: {type(exc).__name__}"
         ) from None
@@ -76,10 +91,21 @@ def _decode_small_elements(ds: Dataset) -> None:
         item = ds.get_item(tag, keep_deferred=True)
         if isinstance(item, RawDataElement) and item.value is None:
             continue  # deferred: a large value, checked without reading it
-        elem = ds[tag]
+        try:
+            elem = ds[tag]
+        except Exception:  # the value cannot be decoded; pydicom's text would quote it
+            raise RejectedDataset(
+                STATUS_CANNOT_UNDERSTAND, f"{_tag_name(tag)} cannot be decoded"
+            ) from None
         if elem.VR == "SQ":
             for child in elem.value:
                 _decode_small_elements(child)
+
+
+def _tag_name(tag: BaseTag) -> str:
+    """``Keyword (gggg,eeee)``, or the tag alone for a private or unknown one: never a value."""
+    keyword = keyword_for_tag(tag)
+    return f"{keyword} ({tag.group:04X},{tag.element:04X})".strip()
 
 
 def parse_part10_file(path: Path) -> Dataset:
@@ -88,7 +114,13 @@ def parse_part10_file(path: Path) -> Dataset:
         raise RejectedDataset(STATUS_CANNOT_UNDERSTAND, "empty dataset (0 bytes)")
     try:
         ds = dcmread(path, defer_size=64 * 1024)
+        if ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+            # A deflated body is inflated in memory: offsets of deferred values would point
+            # into the inflated stream, not the file. Read it whole (deflate is rare and small).
+            ds = dcmread(path)
         _decode_small_elements(ds)
+    except RejectedDataset:
+        raise
     except Exception as exc:
         raise RejectedDataset(
             STATUS_CANNOT_UNDERSTAND, f"not a readable DICOM file: {type(exc).__name__}"
@@ -114,12 +146,16 @@ class Ingestor:
         store: InstanceStore,
         min_free_bytes: int = 0,
         stat_calling_aes: Collection[str] = (),
+        stored_by: str | None = None,
     ) -> None:
         self.db = db
         self.store = store
+        # This agent's URL, recorded on each instance: workers fetch the file from there.
+        self.stored_by = stored_by
         self.min_free_bytes = min_free_bytes
         # Calling AEs whose studies are stat (e.g. the emergency department's modalities).
         self.stat_calling_aes = frozenset(stat_calling_aes)
+        hide_pydicom_value_texts()
 
     def ingest(
         self,
@@ -147,9 +183,12 @@ class Ingestor:
         source: str,
         calling_ae: str | None = None,
         peer: Peer | None = None,
+        ds: Dataset | None = None,
     ) -> IngestOutcome:
-        """Ingest a dataset that arrived as a file (C-STORE streamed to disk)."""
-        ds = parse_part10_file(path)
+        """Ingest a dataset that arrived as a file (C-STORE or STOW-RS streamed to disk);
+        ``ds``: the file already parsed with ``parse_part10_file`` by the caller."""
+        if ds is None:
+            ds = parse_part10_file(path)
         facts = examine(ds, transfer_syntax, source=path)
         self._check_space(path.stat().st_size)
         stored = self.store.write_file(facts.study_uid, facts.series_uid, facts.sop_uid, path)
@@ -172,6 +211,7 @@ class Ingestor:
         study_id = self._record_retrying(
             facts, stored, transfer_syntax, source, calling_ae, orthanc_id, peer
         )
+        metrics.received(source, stored.size)
         log.info(
             "stored sop=%s study=%s via %s (%s)",
             facts.sop_uid,
@@ -305,6 +345,8 @@ class Ingestor:
                     received_at=now,
                     acquisition_number=facts.acquisition_number,
                     images_in_acquisition=facts.images_in_acquisition,
+                    number_of_frames=facts.number_of_frames,
+                    stored_by=self.stored_by,
                 )
             )
             study.last_received_at = now
