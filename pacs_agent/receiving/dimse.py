@@ -133,7 +133,8 @@ def handle_store(event: Event, ingestor: Ingestor, tracker: ReleaseTracker | Non
             ) from None
         ts = UID(str(event.context.transfer_syntax))
         # The AE title the sender called (A-ASSOCIATE-RQ), not our own configured title.
-        called = event.assoc.requestor.primitive.called_ae_title
+        rq = event.assoc.requestor.primitive
+        called = rq.called_ae_title if rq is not None else None
         peer = Peer(called_ae=str(called or "").strip() or None, address=address)
         outcome = ingestor.ingest_file(path, ts, source="dimse", calling_ae=calling_ae, peer=peer)
         if tracker is not None:
