@@ -10,10 +10,14 @@ on *other* synthetic images (rectangles elsewhere, other sizes), never on the te
 - an encoder wrapper whose last-layer CLS attention follows the same direction (a normalised
   sigmoid of the head's logits), so the attention heatmap marks the rectangle too.
 
+- a classifier whose patch half is the same direction (CLS half zero), so every label's
+  class-activation map marks the rectangle; biases make all labels but the last positive.
+
 Everything after that is production code: ``imaging.decode``, ``ModelRunner.run`` (letterbox,
-encoder, heads, resampling to source pixels) and ``build_outputs``. The SEG and the Parametric
-Map are read back (highdicom) and compared with the known rectangle by IoU; the SR's SCOORD of
-each finding must fall inside the rectangle.
+encoder, heads, resampling to source pixels, ``workers.localize`` regions) and
+``build_outputs``. The SEG and the Parametric Map are read back (highdicom) and compared with
+the known rectangle by IoU; the SR's SCOORD point of each finding must fall inside the
+rectangle, and each positive finding's Image Region (POLYLINE box) must contain it.
 """
 
 from __future__ import annotations
@@ -36,10 +40,11 @@ from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian
 from torch import nn
 
 from pacs_agent.uids import derive_uid
+from tests.dciodvfy import requires_dciodvfy, run_dciodvfy, split_findings
 from workers.dicom_out.outputs import OutputOptions, build_outputs
 from workers.dicom_out.pm import own_frame_of_reference_uid
 from workers.imaging import decode, letterbox, normalize
-from workers.models.adapters import LinearSegHead
+from workers.models.adapters import ClassificationHead, LinearSegHead
 from workers.models.bundle import Bundle, load_bundle
 from workers.models.runner import ModelRunner
 from workers.results import AlgorithmInfo, ImageResult
@@ -51,6 +56,11 @@ from workers.results import AlgorithmInfo, ImageResult
 MIRRORED_IOU_MAX = 0.2
 SEG_IOU_MIN = 0.8
 PM_IOU_MIN = 0.7
+# SR regions (bounding boxes of the CAM at half maximum around the peak): the box covers at
+# least this fraction of the rectangle's pixels, and its IoU with it is at least REGION_IOU_MIN
+# (measured: IoU 0.95 to 0.97, cover 0.96 to 1.0).
+REGION_COVER_MIN = 0.9
+REGION_IOU_MIN = 0.85
 STUDY_UID = derive_uid("geometry test study")
 
 
@@ -230,12 +240,26 @@ class BrightnessAttention(nn.Module):
         return dataclasses.replace(out, last_attention=attention)
 
 
+def brightness_classifier(head: LinearSegHead, n_labels: int) -> ClassificationHead:
+    """Every label's CAM = the brightness head's logit per patch (plus a constant); the
+    biases make labels positive (probability ~1) except the last (~0)."""
+    dim = head.dim
+    classifier = ClassificationHead(dim, n_labels)
+    with torch.no_grad():
+        classifier.linear.weight.zero_()
+        classifier.linear.weight[:, dim:] = head.linear.weight[0]
+        classifier.linear.bias.fill_(8.0)
+        classifier.linear.bias[-1] = -8.0
+    return classifier.eval()
+
+
 @pytest.fixture(scope="module")
 def bundle(demo_bundle: Path) -> Bundle:
     """The session's DEMO bundle (``write_demo_bundle``), with the test-only adapters."""
     loaded = load_bundle(demo_bundle)
     head = fit_brightness_head(loaded)
     loaded.segmenter = head
+    loaded.classifier = brightness_classifier(head, len(loaded.labels))
     loaded.seg_classes = ["Bright region"]
     loaded.encoder = cast(Any, BrightnessAttention(loaded.encoder, head))
     return loaded
@@ -341,17 +365,55 @@ def test_parametric_map_lands_on_the_bright_region(run: Run, case: Case) -> None
     assert control <= MIRRORED_IOU_MAX
 
 
+def _groups(
+    sr: hd.sr.Comprehensive3DSR | hd.sr.ComprehensiveSR | hd.sr.EnhancedSR,
+) -> tuple[
+    list[hd.sr.MeasurementsAndQualitativeEvaluations],
+    list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations],
+]:
+    report = cast(hd.sr.MeasurementReport, sr.content)
+    return report.get_image_measurement_groups(), report.get_planar_roi_measurement_groups()
+
+
+def _group_image(
+    group: hd.sr.MeasurementsAndQualitativeEvaluations
+    | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations,
+) -> str:
+    if isinstance(group, hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations):
+        region = group.roi
+        assert region is not None
+        return str(region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+    return str(group.source_images[0].referenced_sop_instance_uid)
+
+
 def test_sr_points_land_inside_the_bright_region(run: Run) -> None:
     sr = hd.sr.srread(io.BytesIO(run.outputs[("sr", None)]))
-    groups = cast(hd.sr.MeasurementReport, sr.content).get_image_measurement_groups()
+    image_groups, roi_groups = _groups(sr)
+    groups = [*image_groups, *roi_groups]
     assert len(groups) == len(run.sources) * len(run.results[0].findings)
     seen = set()
-    for group in groups:
-        uid = group.source_images[0].referenced_sop_instance_uid
+    # positive findings: the POLYLINE region holds the peak (the test classifier gives every
+    # label of an image the same CAM, so each region holds every positive label's peak)
+    for group in roi_groups:
+        uid = _group_image(group)
+        region = group.roi
+        assert region is not None and region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+        left, top = region.value.min(axis=0)
+        right, bottom = region.value.max(axis=0)
+        [result] = [r for r in run.results if r.source_sop_instance_uid == uid]
+        for finding in result.findings:
+            assert finding.point is not None
+            x, y = finding.point[0] + 0.5, finding.point[1] + 0.5
+            assert run.truths[uid][int(y), int(x)], (uid, finding.label)
+            if finding.present:
+                assert left <= x <= right and top <= y <= bottom, (uid, finding.label)
+        seen.add(uid)
+    for image_group in image_groups:
+        uid = _group_image(image_group)
         # the probability is a NUM measurement with the image region (what OHIF shows)
-        [probability] = group.get_measurements(name=codes.DCM.Probability)
+        [probability] = image_group.get_measurements(name=codes.DCM.Probability)
         scoords = [item for item in _walk(probability[0]) if item.get("ValueType") == "SCOORD"]
-        assert len(scoords) == 1, group.tracking_identifier
+        assert len(scoords) == 1, image_group.tracking_identifier
         assert scoords[0].GraphicType == "POINT"
         image = scoords[0].ContentSequence[0].ReferencedSOPSequence[0]
         assert image.ReferencedSOPInstanceUID == uid
@@ -368,3 +430,57 @@ def _walk(ds: Dataset) -> Iterator[Dataset]:
         if element.VR == "SQ":
             for item in element.value:
                 yield from _walk(item)
+
+
+def _box_mask(rows: int, cols: int, polyline: np.ndarray) -> np.ndarray:
+    """Pixels whose centre lies inside the axis-aligned box of a closed POLYLINE."""
+    left, top = polyline.min(axis=0)
+    right, bottom = polyline.max(axis=0)
+    r = np.arange(rows)[:, None] + 0.5
+    c = np.arange(cols)[None, :] + 0.5
+    return (r >= top) & (r <= bottom) & (c >= left) & (c <= right)
+
+
+def test_sr_regions_contain_the_bright_region(run: Run) -> None:
+    """Each positive finding: a TID 1410 group whose Image Region is a closed 5-point POLYLINE
+    box on its image that contains the bright rectangle (IoU printed); negatives keep TID 1501."""
+    sr = hd.sr.srread(io.BytesIO(run.outputs[("sr", None)]))
+    image_groups, roi_groups = _groups(sr)
+    positives = [f for r in run.results for f in r.findings if f.present]
+    negatives = [f for r in run.results for f in r.findings if not f.present]
+    assert positives and negatives  # the test classifier makes both
+    assert len(roi_groups) == len(positives)
+    assert len(image_groups) == len(negatives)
+    names = {c.name: c for c in CASES}
+    by_uid = {derive_uid("geometry test", name): case for name, case in names.items()}
+    seen = set()
+    for group in roi_groups:
+        [evaluation] = group.get_qualitative_evaluations(name=group.finding_type)
+        assert evaluation.value == codes.SCT.Present
+        region = group.roi
+        assert region is not None and region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+        points = region.value
+        assert points.shape == (5, 2) and np.array_equal(points[0], points[-1])
+        uid = _group_image(group)
+        case = by_uid[uid]
+        truth = run.truths[uid]
+        box = _box_mask(case.rows, case.cols, points)
+        cover = float((box & truth).sum() / truth.sum())
+        score = iou(box, truth)
+        control = max(iou(box, np.flipud(truth)), iou(box, np.fliplr(truth)))
+        if uid not in seen:
+            print(
+                f"{case.name}: SR region IoU {score:.3f}, covers {cover:.3f} of the rectangle "
+                f"(mirrored truth {control:.3f})"
+            )
+        assert cover >= REGION_COVER_MIN, f"{case.name}: region covers {cover:.3f}"
+        assert score >= REGION_IOU_MIN, f"{case.name}: region IoU {score:.3f}"
+        assert control <= MIRRORED_IOU_MAX
+        seen.add(uid)
+    assert seen == set(run.truths)
+
+
+@requires_dciodvfy
+def test_sr_with_regions_passes_dciodvfy(run: Run) -> None:
+    errors, _ = split_findings(run_dciodvfy(run.outputs[("sr", None)]))
+    assert errors == []

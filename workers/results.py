@@ -30,6 +30,36 @@ class AlgorithmInfo:
 
 
 @dataclass(frozen=True)
+class Region:
+    """Where a label's map puts it on one source image (``workers.localize``): a box in source
+    pixel-edge coordinates, i.e. SCOORD image coordinates (0, 0) = the top-left corner of the
+    top-left pixel; ``basis`` "cam" (its class-activation map) or "segment" (the mask of the
+    segment class of the same name); ``peak`` the map's value at the seed cell (logit units)."""
+
+    left: float
+    top: float
+    right: float
+    bottom: float
+    basis: str
+    peak: float
+
+    @property
+    def box(self) -> tuple[float, float, float, float]:
+        return (self.left, self.top, self.right, self.bottom)
+
+    @property
+    def polyline(self) -> list[tuple[float, float]]:
+        """The box as a closed POLYLINE: 5 (column, row) points, the first repeated last."""
+        corners = [
+            (self.left, self.top),
+            (self.right, self.top),
+            (self.right, self.bottom),
+            (self.left, self.bottom),
+        ]
+        return [*corners, corners[0]]
+
+
+@dataclass(frozen=True)
 class Finding:
     """One classification label's outcome for one source image."""
 
@@ -39,6 +69,9 @@ class Finding:
     source_sop_instance_uid: str
     # Optional localisation in source pixel coordinates (column, row), e.g. the heatmap peak.
     point: tuple[float, float] | None = None
+    # Optional region of the label on this image (every label, positive or not); the SR draws
+    # it for positive findings.
+    region: Region | None = None
 
     @property
     def present(self) -> bool:
