@@ -47,6 +47,10 @@ refusing the source, a multi-frame source for SEG/PM) is left out and listed in
 the source dataset), and the other images' objects are still made. An image whose findings a
 report cannot hold is left out of the report the same way.
 
+Report draft: the SR (either flavour) carries ``workers.report_draft``'s draft of the job's
+findings, triage and segmented regions, with the report adapter's text per image when the
+runner put one in ``ImageResult.extra["report_text"]``.
+
 Localisation: each finding of an image with a non-empty segmentation is placed at the heatmap
 peak *inside* the segmented region (the union of its masks), so its SR SCOORD lands on the
 segmented anatomy; otherwise the runner's point (the heatmap peak) is kept.
@@ -347,6 +351,11 @@ def build_output_set(
     findings = [f for r in in_report for f in localise(r)]
     report_made = False
     if findings:
+        # The report draft (rule-based text, and the report adapter's text when the bundle has
+        # one): workers.report_draft.
+        from workers.report_draft import draft_from_results
+
+        draft = draft_from_results(analysed, in_report, findings, algorithm, triage)
         if options.sr_flavour == "tid1500":
             report_made = attempt(
                 "sr",
@@ -359,6 +368,7 @@ def build_output_set(
                     triage=triage,
                     frames=frame_of,
                     created=when,
+                    draft=draft,
                 ),
             )
         else:
@@ -373,6 +383,7 @@ def build_output_set(
                     triage=triage,
                     frames=frame_of,
                     created=when,
+                    draft=draft,
                 ),
             )
         if report_made:

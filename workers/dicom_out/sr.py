@@ -16,6 +16,15 @@ Each finding becomes a TID 1501 Measurement Group holding:
 - the source image (Source of Measurement) and TID 4019 Algorithm Identification (family
   Artificial Intelligence, name + disclaimer, version, parameters: bundle checksum, threshold).
 
+Localization: a *positive* finding with a ``Finding.region`` (``workers.localize``: the box of
+its class-activation map or matching segment around its peak) is written as a TID 1410 Planar
+ROI Measurement Group instead: the same items (tracking, finding, evaluation, probability,
+comment, algorithm) plus an Image Region (111030, DCM) SCOORD POLYLINE, the box as 5 points
+closed on the first, in pixel-edge image coordinates, on the source image (and frame), which
+viewers draw as the finding's outline. TID 1410 has no Source of Measurement (the region names
+the image) and its probability carries no POINT (a TID 1410 measurement refers to the group's
+region; the peak lies inside the box and stays in the job's result summary).
+
 After the Imaging Measurements, a report-level Qualitative Evaluations container (TID 1500 row
 12, (C0034375, UMLS, "Qualitative Evaluations")) holds:
 
@@ -42,6 +51,7 @@ import logging
 import math
 import numbers
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import highdicom as hd
 import numpy as np
@@ -52,6 +62,9 @@ from pydicom.sr.coding import Code
 from pacs_agent.uids import derive_uid
 from workers.dicom_out import common
 from workers.results import AlgorithmInfo, Finding, OutputIdentity
+
+if TYPE_CHECKING:
+    from workers.report_draft import ReportDraft
 
 logger = logging.getLogger(__name__)
 
@@ -228,8 +241,12 @@ def build_sr(
     triage: str | None = None,
     frames: Mapping[str, int] | None = None,
     created: dt.datetime | None = None,
+    draft: ReportDraft | None = None,
 ) -> Dataset:
     """Build a Comprehensive 3D SR (TID 1500) with one measurement group per finding.
+
+    Report draft: ``draft`` (``workers.report_draft``), else one built from the findings and
+    triage, goes after the Qualitative Evaluations as a "Preliminary report" container.
 
     ``sources`` are the images the findings refer to (one study); every
     ``finding.source_sop_instance_uid`` must be one of them. ``finding.point`` is read as the
@@ -283,32 +300,56 @@ def build_sr(
             unit=codes.UCUM.Percent,
             referenced_coordinates=coordinates,
         )
-        group = hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=derive_uid(
-                    identity.sop_instance_uid,
-                    "finding",
-                    str(index),
-                    finding.label,
-                    finding.source_sop_instance_uid,
-                ),
-                identifier=f"{finding.label} #{index}",
+        tracking = hd.sr.TrackingIdentifier(
+            uid=derive_uid(
+                identity.sop_instance_uid,
+                "finding",
+                str(index),
+                finding.label,
+                finding.source_sop_instance_uid,
             ),
-            finding_type=code,
-            algorithm_id=algorithm_id,
-            measurements=[probability],
-            qualitative_evaluations=[
-                hd.sr.QualitativeEvaluation(
-                    name=code,
-                    value=codes.SCT.Present if finding.present else codes.SCT.Absent,
-                )
-            ],
-            source_images=[
-                hd.sr.SourceImageForMeasurementGroup.from_source_image(
-                    source, referenced_frame_numbers=frame_numbers
-                )
-            ],
+            identifier=f"{finding.label} #{index}",
         )
+        evaluation = hd.sr.QualitativeEvaluation(
+            name=code,
+            value=codes.SCT.Present if finding.present else codes.SCT.Absent,
+        )
+        group: (
+            hd.sr.MeasurementsAndQualitativeEvaluations
+            | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+        )
+        if finding.present and finding.region is not None:
+            # TID 1410: the finding's region (a closed POLYLINE box) is the group's Image
+            # Region, which viewers draw (OHIF reads it as the measurement's outline).
+            group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tracking,
+                referenced_region=region_item(finding, source, frame_numbers),
+                finding_type=code,
+                algorithm_id=algorithm_id,
+                # TID 1410 measurements refer to the group's region, not to a SCOORD of
+                # their own (highdicom refuses one): the peak point is not repeated here
+                measurements=[
+                    hd.sr.Measurement(
+                        name=codes.DCM.Probability,
+                        value=probability_percent(finding.probability),
+                        unit=codes.UCUM.Percent,
+                    )
+                ],
+                qualitative_evaluations=[evaluation],
+            )
+        else:
+            group = hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tracking,
+                finding_type=code,
+                algorithm_id=algorithm_id,
+                measurements=[probability],
+                qualitative_evaluations=[evaluation],
+                source_images=[
+                    hd.sr.SourceImageForMeasurementGroup.from_source_image(
+                        source, referenced_frame_numbers=frame_numbers
+                    )
+                ],
+            )
         # (121106, DCM, "Comment"): the finding's name, which OHIF shows as the text of the
         # drawn measurement ("Pleural effusion (present): Probability: 44.26 %").
         group[0].ContentSequence.append(
@@ -335,6 +376,11 @@ def build_sr(
         report_evaluations(headers, findings, algorithm, triage)
     )
     report[0].ContentSequence.append(evaluations)
+    # Report draft (Findings / Impression, for radiologist review): workers.report_draft.
+    from workers.report_draft import build_draft, draft_content
+
+    draft = draft or build_draft(headers, findings, algorithm, triage)
+    report[0].ContentSequence.append(draft_content(draft, headers, frames))
 
     sr = hd.sr.Comprehensive3DSR(
         evidence=headers,
@@ -354,6 +400,21 @@ def build_sr(
         len(headers),
     )
     return sr
+
+
+def region_item(
+    finding: Finding, source: Dataset, frame_numbers: Sequence[int] | None
+) -> hd.sr.ImageRegion:
+    """The finding's region as a TID 1410 Image Region: its box as a closed POLYLINE of 5
+    points in SCOORD image coordinates (pixel edges) on the source image (and frame)."""
+    assert finding.region is not None
+    return hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=np.array(finding.region.polyline, dtype=float),
+        source_image=hd.sr.SourceImageForRegion.from_source_image(
+            source, referenced_frame_numbers=frame_numbers
+        ),
+    )
 
 
 def _check_finding(finding: Finding, by_uid: dict[str, Dataset]) -> None:
@@ -376,5 +437,15 @@ def _check_finding(finding: Finding, by_uid: dict[str, Dataset]) -> None:
         if not (0 <= column < int(source.Columns) and 0 <= row < int(source.Rows)):
             raise ValueError(
                 f"finding {finding.label!r}: point {finding.point} lies outside the "
+                f"{source.Columns}x{source.Rows} source image"
+            )
+    region = finding.region
+    if region is not None:
+        if not all(math.isfinite(v) for v in region.box) or not (
+            0 <= region.left < region.right <= int(source.Columns)
+            and 0 <= region.top < region.bottom <= int(source.Rows)
+        ):
+            raise ValueError(
+                f"finding {finding.label!r}: region {region.box} is not a box inside the "
                 f"{source.Columns}x{source.Rows} source image"
             )

@@ -20,7 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import highdicom as hd
 from highdicom.sr.sop import _SR
@@ -36,6 +36,9 @@ from workers.dicom_out.sr import (
     summary_text,
 )
 from workers.results import AlgorithmInfo, Finding, OutputIdentity
+
+if TYPE_CHECKING:
+    from workers.report_draft import ReportDraft
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +104,12 @@ def build_text_sr(
     triage: str | None = None,
     frames: Mapping[str, int] | None = None,
     created: dt.datetime | None = None,
+    draft: ReportDraft | None = None,
 ) -> Dataset:
     """Build a Basic Text SR of ``findings`` on ``sources`` (one study).
+
+    Report draft: ``draft`` (``workers.report_draft``), else one built from the findings and
+    triage, goes after the Impressions as a "Preliminary report" container.
 
     Same inputs and checks as :func:`workers.dicom_out.sr.build_sr`; ``finding.point`` is not
     written (Basic Text SR has no spatial coordinates). The IMAGE item of a finding on a
@@ -171,6 +178,11 @@ def build_text_sr(
         )
     )
     root.ContentSequence.append(impressions)
+    # Report draft (Findings / Impression, for radiologist review): workers.report_draft.
+    from workers.report_draft import build_draft, draft_content
+
+    draft = draft or build_draft(headers, findings, algorithm, triage)
+    root.ContentSequence.append(draft_content(draft, headers, frames))
 
     sr = BasicTextSR(
         evidence=headers,

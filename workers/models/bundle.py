@@ -17,7 +17,8 @@ A bundle is a folder with `manifest.json`::
       },
       "preprocessing": {"size": 518, "mean": [...], "std": [...]},
       "random_weights": false,
-      "intended": {"anatomy": "chest", "views": ["PA", "AP"]}
+      "intended": {"anatomy": "chest", "views": ["PA", "AP"]},
+      "synonyms": {"Pleural effusion": ["effusion", "pleural fluid"], ...}
     }
 
 Encoder formats: `hf-dinov2` (transformers `Dinov2Model` folder) and `dinov2-original` (the
@@ -30,6 +31,11 @@ the number of heads). Every adapter is optional; `view` and `body_part` are qual
 safetensors files only, with `strict=True`. The encoder path may be absolute (an installation
 that downloaded RAD-DINO once points the bundle at that folder); adapter paths stay inside the
 bundle. The bundle's checksum is the sha256 of the manifest bytes, which pin every file.
+
+`synonyms` (optional) maps a classifier label to other phrases for it; with the label names
+they make the bundle's grounding vocabulary (`Bundle.vocabulary`, matched case-insensitively,
+`POST /api/grounding`). A synonym naming two labels is refused; synonyms of a label the
+classifier does not have are ignored (logged).
 """
 
 from __future__ import annotations
@@ -110,6 +116,21 @@ DEMO_MULTI_TRIAGE_POLICY: dict[str, Any] = {
     }
 }
 DEMO_SEG_CLASSES = ["Lung field"]
+# Grounding phrases written into the DEMO bundles (the manifest's optional `synonyms`).
+DEMO_SYNONYMS: dict[str, list[str]] = {
+    "Cardiomegaly": ["enlarged heart", "cardiac enlargement"],
+    "Pleural effusion": ["effusion", "pleural fluid"],
+    "Pneumothorax": ["collapsed lung", "PTX"],
+    "Consolidation": ["airspace opacity", "airspace consolidation"],
+    "Nodule": ["lung nodule", "pulmonary nodule"],
+}
+DEMO_MULTI_SYNONYMS: dict[str, list[str]] = {
+    "Fracture": ["broken bone", "bone fracture"],
+    "Dislocation": ["joint dislocation", "luxation"],
+    "Foreign body": ["foreign object"],
+    "Pneumothorax": ["collapsed lung", "PTX"],
+    "Free air": ["pneumoperitoneum", "free gas"],
+}
 # RAD-DINO's published normalisation (grey X-rays replicated to 3 channels).
 DEMO_MEAN = (0.5307, 0.5307, 0.5307)
 DEMO_STD = (0.2583, 0.2583, 0.2583)
@@ -224,6 +245,16 @@ class Bundle:
     encoder_format: str = ENCODER_FORMAT
     manifest: dict[str, Any] = field(default_factory=dict)
     triage_policy: TriagePolicy | None = None
+    # label -> other phrases for it (manifest `synonyms`)
+    synonyms: dict[str, list[str]] = field(default_factory=dict)
+    # Report-generation adapter (workers.models.report_adapter.ReportAdapter), when present.
+    report: Any = None
+
+    @property
+    def vocabulary(self) -> dict[str, str]:
+        """Grounding phrases (lower case, single spaces) -> label: every label's own name and
+        its synonyms."""
+        return vocabulary(self.labels, self.synonyms)
 
     @property
     def encoder_fingerprint(self) -> str:
@@ -239,6 +270,45 @@ class Bundle:
             sort_keys=True,
         )
         return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _norm_phrase(phrase: str) -> str:
+    return " ".join(phrase.lower().split())
+
+
+def vocabulary(labels: list[str], synonyms: dict[str, list[str]]) -> dict[str, str]:
+    """Phrase (lower case, single spaces) -> label, from the labels and their synonyms."""
+    out = {_norm_phrase(label): label for label in labels}
+    for label, phrases in synonyms.items():
+        for phrase in phrases:
+            out.setdefault(_norm_phrase(phrase), label)
+    return out
+
+
+def read_synonyms(raw: Any, labels: list[str]) -> dict[str, list[str]]:
+    """The manifest's optional `synonyms`: {label: [phrase, ...]}, checked."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise BundleError(f"{MANIFEST}: synonyms must be an object (label -> list of phrases)")
+    owner = {_norm_phrase(label): label for label in labels}
+    out: dict[str, list[str]] = {}
+    for label, phrases in raw.items():
+        if label not in labels:  # e.g. a derived bundle whose classifier has other labels
+            log.warning("%s: synonyms of %r ignored: not a classifier label", MANIFEST, label)
+            continue
+        if not isinstance(phrases, list) or not all(
+            isinstance(p, str) and p.strip() for p in phrases
+        ):
+            raise BundleError(f"{MANIFEST}: synonyms.{label} must be a list of non-empty strings")
+        for phrase in phrases:
+            taken = owner.setdefault(_norm_phrase(phrase), label)
+            if taken != label:
+                raise BundleError(
+                    f"{MANIFEST}: synonym {phrase!r} names both {taken!r} and {label!r}"
+                )
+        out[label] = [str(p) for p in phrases]
+    return out
 
 
 def sha256_file(path: Path) -> str:
@@ -300,7 +370,7 @@ def load_bundle(path: str | os.PathLike[str]) -> Bundle:
     adapters = manifest.get("adapters") or {}
     if not isinstance(adapters, dict):
         raise BundleError(f"{MANIFEST}: adapters must be an object")
-    known = ("classifier", "segmenter", *QC_TASKS)
+    known = ("classifier", "segmenter", *QC_TASKS, "report")
     unknown = sorted(set(adapters) - set(known))
     if unknown:
         raise BundleError(f"{MANIFEST}: unknown adapters {unknown} (known: {list(known)})")
@@ -315,6 +385,11 @@ def load_bundle(path: str | os.PathLike[str]) -> Bundle:
             continue
         if not isinstance(spec, dict):
             raise BundleError(f"{MANIFEST}: adapters.{kind} must be an object")
+        if kind == "report":  # a folder of files (workers.models.report_adapter)
+            from workers.models.report_adapter import report_files
+
+            to_check.extend(report_files(root, spec))
+            continue
         rel = _str(spec, "path", where=f"adapters.{kind}")
         if Path(rel).is_absolute():
             raise BundleError(f"{MANIFEST}: adapters.{kind}.path must be relative: {rel}")
@@ -395,9 +470,19 @@ def load_bundle(path: str | os.PathLike[str]) -> Bundle:
         _load_adapter(head, root, spec["path"])
         qc_heads[task] = QCHead(task=task, head=head, labels=qc_labels)
 
+    report = None
+    if adapters.get("report") is not None:
+        from workers.models.report_adapter import ReportAdapterError, load_report_adapter
+
+        try:
+            report = load_report_adapter(root, adapters["report"], cfg.hidden_size)
+        except ReportAdapterError as exc:
+            raise BundleError(str(exc)) from exc
+
     is_demo = bool(manifest.get("random_weights", False))
     intended = manifest.get("intended") or {}
     triage_policy = TriagePolicy.from_manifest(manifest.get("triage_policy"))
+    synonyms = read_synonyms(manifest.get("synonyms"), labels)
     log.info(
         "bundle %s %s verified (manifest sha256 %s)%s",
         name,
@@ -424,6 +509,8 @@ def load_bundle(path: str | os.PathLike[str]) -> Bundle:
         encoder_format=str(fmt),
         manifest=manifest,
         triage_policy=triage_policy,
+        synonyms=synonyms,
+        report=report,
     )
 
 
@@ -609,6 +696,7 @@ def write_demo_bundle(
         "seed": seed,
         "intended": {} if multi else {"anatomy": "chest", "views": ["PA", "AP"]},
         "triage_policy": DEMO_MULTI_TRIAGE_POLICY if multi else DEMO_TRIAGE_POLICY,
+        "synonyms": DEMO_MULTI_SYNONYMS if multi else DEMO_SYNONYMS,
     }
     write_manifest(root, manifest)
     log.info("DEMO bundle (random weights, seed %d) written to %s", seed, root)
@@ -732,6 +820,17 @@ def write_derived_bundle(
         if kind in new_adapters:
             continue
         rel = _str(spec, "path", where=f"adapters.{kind}")
+        if isinstance(spec.get("files"), dict):  # a folder adapter (report)
+            copied = {
+                name: sha256_file(
+                    place_file(
+                        _inside(p_root, f"{rel}/{name}"), _inside(root, f"{rel}/{name}"), mode
+                    )
+                )
+                for name in spec["files"]
+            }
+            adapters[kind] = {**spec, "files": copied}
+            continue
         dst = place_file(_inside(p_root, rel), _inside(root, rel), mode)
         adapters[kind] = {**spec, "sha256": sha256_file(dst)}
     adapters.update(new_adapters)
