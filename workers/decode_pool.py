@@ -39,7 +39,7 @@ from pydicom.uid import (
     JPEGLosslessSV1,
 )
 
-from workers.imaging import ImageError, decode, decode_stored, letterbox
+from workers.imaging import ImageError, analysed_frame, decode, decode_stored, letterbox
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +96,11 @@ def nvimgcodec_unavailable_reason() -> str | None:
     return None if nvimgcodec_available() else str(_nvimgcodec_state.get("reason", "unknown"))
 
 
-def decode_gpu(ds: Dataset) -> np.ndarray:
-    """`imaging.decode` with the first frame's compressed bytes decoded by nvImageCodec.
-    Raises `GpuDecodeUnavailable` when that is not possible for this dataset here."""
+def decode_gpu(ds: Dataset, frame: int | None = None) -> np.ndarray:
+    """`imaging.decode(ds, frame)` with the compressed bytes of that one frame (1-based; by
+    default `imaging.analysed_frame(ds)`, the same frame the CPU path decodes) decoded by
+    nvImageCodec. Raises `GpuDecodeUnavailable` when that is not possible for this dataset here.
+    """
     nv = _nvimgcodec()
     if nv is None:
         raise GpuDecodeUnavailable(f"nvImageCodec: {nvimgcodec_unavailable_reason()}")
@@ -117,10 +119,18 @@ def decode_gpu(ds: Dataset) -> np.ndarray:
     from pydicom.encaps import generate_frames
 
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frame is None:
+        frame = analysed_frame(ds)
+    index = (frame or 1) - 1
+    if not 0 <= index < n_frames:
+        raise ImageError(f"frame {frame} does not exist: the image has {n_frames} frame(s)")
     try:
-        frame = next(generate_frames(ds.PixelData, number_of_frames=n_frames))
+        frames = generate_frames(ds.PixelData, number_of_frames=n_frames)
+        for _ in range(index):  # the analysed frame's fragments, not the first frame's
+            next(frames)
+        encoded = next(frames)
         params = module.DecodeParams(allow_any_depth=True, color_spec=module.ColorSpec.UNCHANGED)
-        image = decoder.decode(frame, params=params)
+        image = decoder.decode(encoded, params=params)
         if image is None:
             raise RuntimeError("decoder returned nothing")
         arr = np.asarray(image.cpu())
@@ -142,14 +152,19 @@ def _signed(ds: Dataset, arr: np.ndarray) -> np.ndarray:
     return wide.astype(np.int16 if bits <= 16 else np.int32)
 
 
-def decode_auto(ds: Dataset, prefer_gpu: bool = True) -> tuple[np.ndarray, str]:
-    """(decoded image, "gpu" or "cpu"): the GPU when it can, else the CPU."""
+def decode_auto(
+    ds: Dataset, prefer_gpu: bool = True, frame: int | None = None
+) -> tuple[np.ndarray, str]:
+    """(decoded image, "gpu" or "cpu"): the GPU when it can, else the CPU; one frame, ``frame``
+    (1-based), by default `imaging.analysed_frame(ds)`, on either path."""
+    if frame is None:
+        frame = analysed_frame(ds)
     if prefer_gpu:
         try:
-            return decode_gpu(ds), "gpu"
+            return decode_gpu(ds, frame), "gpu"
         except GpuDecodeUnavailable as exc:
             log.debug("CPU decode: %s", exc)
-    return decode(ds), "cpu"
+    return decode(ds, frame), "cpu"
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,6 +181,8 @@ class Decoded:
     decode_s: float  # seconds spent decoding (in the worker)
     preprocess_s: float  # seconds spent letterboxing (in the worker)
     backend: str = "cpu"
+    frame: int | None = None  # the analysed 1-based frame of a multi-frame source
+    pid: int = 0  # the process that decoded it
 
 
 Source = tuple[str, "bytes | str | os.PathLike[str]"]
@@ -186,19 +203,28 @@ def prepare_source(sop: str, source: Any, size: int, prefer_gpu: bool = False) -
     from workers.models.runner import PreparedImage
 
     t0 = time.perf_counter()
+    pid = os.getpid()
+    frame: int | None = None
     try:
         fh = BytesIO(source) if isinstance(source, bytes | bytearray) else Path(source)
         ds = dcmread(fh)
-        image, backend = decode_auto(ds, prefer_gpu=prefer_gpu)
+        frame = analysed_frame(ds)
+        image, backend = decode_auto(ds, prefer_gpu=prefer_gpu, frame=frame)
     except ImageError as exc:
-        return Decoded(sop, None, str(exc), time.perf_counter() - t0, 0.0)
+        return Decoded(sop, None, str(exc), time.perf_counter() - t0, 0.0, frame=frame, pid=pid)
     except Exception as exc:  # unreadable file; pydicom's text can quote header values
-        why = f"unreadable: {type(exc).__name__}"
-        return Decoded(sop, None, why, time.perf_counter() - t0, 0.0)
+        why = f"cannot decode: {type(exc).__name__}"
+        return Decoded(sop, None, why, time.perf_counter() - t0, 0.0, frame=frame, pid=pid)
     t1 = time.perf_counter()
-    boxed, transform = letterbox(image, size)
+    try:
+        boxed, transform = letterbox(image, size)
+    except Exception as exc:
+        why = f"cannot letterbox: {type(exc).__name__}"
+        return Decoded(sop, None, why, t1 - t0, time.perf_counter() - t1, backend, frame, pid)
     prepared = PreparedImage(sop=sop, display=image, boxed=boxed, transform=transform)
-    return Decoded(sop, prepared, None, t1 - t0, time.perf_counter() - t1, backend)
+    return Decoded(
+        sop, prepared, None, t1 - t0, time.perf_counter() - t1, backend, frame=frame, pid=pid
+    )
 
 
 class DecodePool:
@@ -219,6 +245,9 @@ class DecodePool:
         self.size = size
         self.workers = workers
         self.prefetch = prefetch or 2 * workers
+        # The most sources decoding or decoded but not yet taken (at most ``prefetch``): what
+        # the pool holds in memory at once, whatever the backlog.
+        self.high_water = 0
         self.prefer_gpu = prefer_gpu and nvimgcodec_available()
         self._executor: Executor
         if self.prefer_gpu:
@@ -247,6 +276,7 @@ class DecodePool:
                 pending.append(
                     self._executor.submit(prepare_source, sop, src, self.size, self.prefer_gpu)
                 )
+                self.high_water = max(self.high_water, len(pending))
             if not pending:
                 return
             yield pending.popleft().result()

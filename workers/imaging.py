@@ -212,7 +212,9 @@ def decode_stored(ds: Dataset, arr: np.ndarray) -> np.ndarray:
 def _decode_monochrome(ds: Dataset, stored: np.ndarray, invert: bool) -> np.ndarray:
     padding = _padding_mask(ds, stored)
     try:
-        values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+        # float32 throughout the windowing (float64 doubled its time and memory; the output
+        # is a 0..1 image, where float32 is exact to about 1e-7)
+        values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
     except Exception as exc:
         raise ImageError(f"cannot apply the Modality LUT: {type(exc).__name__}") from exc
 
@@ -282,7 +284,7 @@ def _header_window(ds: Dataset, values: np.ndarray) -> np.ndarray | None:
         if width < 1:
             return None
         if width == 1:
-            out = (values >= center - 0.5).astype(np.float64)
+            out = (values >= center - 0.5).astype(np.float32)
         else:
             out = np.clip((values - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
     # A window that saturates nearly every pixel hides the image: treat it as absent.
@@ -303,6 +305,7 @@ def _percentile_window(values: np.ndarray, padding: np.ndarray | None) -> np.nda
         lo, hi = float(sample.min()), float(sample.max())
         if not hi > lo:
             raise ImageError("image is uniform: nothing to analyse")
+    lo, hi = float(lo), float(hi)  # Python floats: the arithmetic stays in values' float32
     return np.clip((values - lo) / (hi - lo), 0.0, 1.0)
 
 
@@ -311,7 +314,7 @@ def _lut_bits(rgb: np.ndarray) -> int:
 
 
 def _luminance(rgb: np.ndarray, bits: int) -> np.ndarray:
-    rgb = rgb.astype(np.float64)
+    rgb = rgb.astype(np.float32)
     lum = 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
     top = float(2**bits - 1) if 1 <= bits <= 32 else float(lum.max() or 1.0)
     return np.clip(lum / top, 0.0, 1.0)

@@ -28,7 +28,7 @@ from pacs_agent import metrics
 from pacs_agent.db.models import Delivery, DeliveryStatus, Result, utcnow
 from pacs_agent.db.session import Database, record_event
 from pacs_agent.destinations import scrub
-from pacs_agent.dispatching.senders import redact, sender_for
+from pacs_agent.dispatching.senders import AssociationPool, redact, sender_for
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ def deliver_job_results(
     tls: ssl.SSLContext | None = None,
     dicomweb_token: str | None = None,
     resolve: Callable[[str], str] | None = None,
+    associations: AssociationPool | None = None,
 ) -> DeliveryOutcome:
     """``destinations``: the job's destination references (or plain URLs); ``resolve`` gives
     each one's URL with credentials (None: used as given)."""
@@ -92,7 +93,13 @@ def deliver_job_results(
         url = ref
         try:
             url = resolve(ref) if resolve is not None else ref
-            sender = sender_for(url, calling_ae=calling_ae, tls=tls, dicomweb_token=dicomweb_token)
+            sender = sender_for(
+                url,
+                calling_ae=calling_ae,
+                tls=tls,
+                dicomweb_token=dicomweb_token,
+                associations=associations,
+            )
             sender.send([p for _, p in todo])
         except Exception as exc:
             error = scrub(f"{type(exc).__name__}: {exc}", url)

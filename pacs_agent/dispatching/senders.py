@@ -1,7 +1,8 @@
 """Destinations for results: DICOM C-STORE, DICOMweb STOW-RS, Orthanc REST, a folder.
 
 A destination is a URL:
-  dicom://AET@host:port            C-STORE (pynetdicom SCU, one association per batch)
+  dicom://AET@host:port            C-STORE (pynetdicom SCU; with an AssociationPool the
+                                   association stays open a short idle time for the next job)
   dicom+tls://AET@host:port        the same over TLS (CA and client certificate from settings)
   dicomweb+http(s)://[user:password@]host:port/...
                                    STOW-RS (dicomweb-client); basic auth from the URL, or a
@@ -16,10 +17,12 @@ import os
 import shutil
 import ssl
 import tempfile
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import unquote, urlparse
 
 from pydicom import dcmread
@@ -48,6 +51,128 @@ def redact(url: str) -> str:
     return identity(url)
 
 
+Contexts = frozenset[tuple[str, str]]  # (SOP Class UID, Transfer Syntax UID)
+
+
+def _accepted(assoc: object) -> Contexts:
+    return frozenset(
+        (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+        for cx in getattr(assoc, "accepted_contexts", [])
+        if cx.transfer_syntax
+    )
+
+
+class AssociationPool:
+    """C-STORE associations kept open per destination between deliveries (a worker delivers
+    one job after another to the same PACS): after a delivery its association waits here for
+    ``idle_s`` seconds for the next one, then is released. Keyed by the destination's identity
+    (`redact`: the URL without credentials), the calling AE and the TLS context; an association
+    is reused only when it accepted every (SOP class, transfer syntax) the next files need, and
+    one that the peer closed meanwhile is dropped. One user at a time per association."""
+
+    def __init__(self, idle_s: float = 10.0) -> None:
+        self.idle_s = idle_s
+        self.opened = 0  # associations opened since start (tests and logs read it)
+        self._idle: dict[tuple[object, ...], list[tuple[object, float]]] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._reaper: threading.Thread | None = None
+
+    def acquire(
+        self, key: tuple[object, ...], needed: Contexts, open_new: Callable[[Contexts], object]
+    ) -> tuple[object, bool]:
+        """(association, reused): an idle one of ``key`` that accepted ``needed``, else a new
+        one from ``open_new`` (which may raise)."""
+        stale: list[object] = []
+        found = None
+        with self._lock:
+            kept = []
+            for assoc, since in self._idle.pop(key, []):
+                alive = getattr(assoc, "is_established", False)
+                if not alive or time.monotonic() - since > self.idle_s:
+                    stale.append(assoc)
+                elif found is None and needed <= _accepted(assoc):
+                    found = assoc
+                else:
+                    kept.append((assoc, since))
+            if kept:
+                self._idle[key] = kept
+        for assoc in stale:
+            _close(assoc)
+        if found is not None:
+            return found, True
+        assoc = open_new(needed)
+        with self._lock:
+            self.opened += 1
+        return assoc, False
+
+    def release(self, key: tuple[object, ...], assoc: object) -> None:
+        """A delivery that went well: keep the association for the next one (or release it
+        when pooling is off)."""
+        if self.idle_s <= 0 or not getattr(assoc, "is_established", False):
+            _close(assoc)
+            return
+        with self._lock:
+            self._idle.setdefault(key, []).append((assoc, time.monotonic()))
+            if self._reaper is None or not self._reaper.is_alive():
+                self._wake.clear()
+                self._reaper = threading.Thread(
+                    target=self._reap, name="association-reaper", daemon=True
+                )
+                self._reaper.start()
+
+    def discard(self, assoc: object) -> None:
+        """An association a delivery failed on: aborted, never reused."""
+        try:
+            assoc.abort()  # type: ignore[attr-defined]
+        except Exception:
+            pass
+
+    def idle(self) -> int:
+        with self._lock:
+            return sum(len(v) for v in self._idle.values())
+
+    def close(self) -> None:
+        with self._lock:
+            every = [a for v in self._idle.values() for a, _ in v]
+            self._idle.clear()
+        self._wake.set()
+        for assoc in every:
+            _close(assoc)
+
+    def _reap(self) -> None:
+        while not self._wake.wait(max(self.idle_s / 2, 0.05)):
+            now = time.monotonic()
+            expired: list[object] = []
+            with self._lock:
+                for key in list(self._idle):
+                    keep = []
+                    for assoc, since in self._idle[key]:
+                        if now - since > self.idle_s or not getattr(assoc, "is_established", 0):
+                            expired.append(assoc)
+                        else:
+                            keep.append((assoc, since))
+                    if keep:
+                        self._idle[key] = keep
+                    else:
+                        del self._idle[key]
+                empty = not self._idle
+                if empty:
+                    self._reaper = None
+            for assoc in expired:
+                _close(assoc)
+            if empty:
+                return
+
+
+def _close(assoc: object) -> None:
+    try:
+        if getattr(assoc, "is_established", False):
+            assoc.release()  # type: ignore[attr-defined]
+    except Exception:
+        pass
+
+
 @dataclass
 class DicomSender:
     url: str
@@ -56,37 +181,69 @@ class DicomSender:
     port: int
     calling_ae: str = "PACSAGENT"
     tls: ssl.SSLContext | None = None
+    # Keep the association open for the next delivery (None: one association per send).
+    pool: AssociationPool | None = None
 
-    def send(self, files: Sequence[Path]) -> None:
+    def _open(self, needed: Contexts) -> object:
         from pynetdicom import AE
 
-        datasets = [dcmread(f) for f in files]
         ae = AE(ae_title=self.calling_ae)
         ae.acse_timeout = 30
         ae.dimse_timeout = 120
         ae.network_timeout = 60
-        contexts: set[tuple[str, str]] = set()
-        for ds in datasets:
-            contexts.add((str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)))
-        for sop_class, ts in sorted(contexts):
+        for sop_class, ts in sorted(needed):
             tss = [ts] + [t for t in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) if t != ts]
             ae.add_requested_context(sop_class, tss)
         tls_args = (self.tls, self.host) if self.tls is not None else None
         assoc = ae.associate(self.host, self.port, ae_title=self.called_ae, tls_args=tls_args)
         if not assoc.is_established:
             raise DeliveryError(f"association with {self.called_ae}@{self.host}:{self.port} failed")
-        try:
-            for ds in datasets:
+        return assoc
+
+    def send(self, files: Sequence[Path]) -> None:
+        datasets = [dcmread(f) for f in files]
+        needed = frozenset(
+            (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets
+        )
+        if len(needed) > 128:  # a presentation context ID is odd and below 256
+            raise DeliveryError(f"{len(needed)} presentation contexts needed, at most 128")
+        pool = self.pool or AssociationPool(idle_s=0)
+        # The TLS context is the process's settings': one per process, so "tls" suffices.
+        key = (redact(self.url), self.calling_ae, self.tls is not None)
+        remaining = datasets
+        while remaining:
+            assoc, reused = pool.acquire(key, needed, self._open)
+            try:
+                remaining = self._store(assoc, remaining, reused)
+            except BaseException:
+                pool.discard(assoc)
+                raise
+            if remaining:  # a kept association the peer had closed: again on a new one
+                pool.discard(assoc)
+                continue
+            pool.release(key, assoc)
+
+    def _store(self, assoc: Any, datasets: list[Any], reused: bool) -> list[Any]:
+        """C-STORE each dataset; returns those left when a reused association turns out dead
+        before its first answer (nothing of them was stored), else [] or raises."""
+        for i, ds in enumerate(datasets):
+            dead_before_first = reused and i == 0
+            try:
                 status = assoc.send_c_store(ds)
-                code = getattr(status, "Status", None)
-                if code is None:
-                    raise DeliveryError(f"no C-STORE response for {ds.SOPInstanceUID}")
-                if int(code) not in _STORED:
-                    raise DeliveryError(
-                        f"C-STORE of {ds.SOPInstanceUID} refused with status 0x{int(code):04X}"
-                    )
-        finally:
-            assoc.release()
+            except RuntimeError:  # pynetdicom: the association is no longer established
+                if dead_before_first and not assoc.is_established:
+                    return datasets
+                raise
+            code = getattr(status, "Status", None)
+            if code is None:
+                if dead_before_first and not assoc.is_established:
+                    return datasets
+                raise DeliveryError(f"no C-STORE response for {ds.SOPInstanceUID}")
+            if int(code) not in _STORED:
+                raise DeliveryError(
+                    f"C-STORE of {ds.SOPInstanceUID} refused with status 0x{int(code):04X}"
+                )
+        return []
 
 
 @dataclass
@@ -170,7 +327,10 @@ def sender_for(
     *,
     tls: ssl.SSLContext | None = None,
     dicomweb_token: str | None = None,
+    associations: AssociationPool | None = None,
 ) -> Sender:
+    """The sender for a destination URL; ``associations``: keep C-STORE associations open
+    between sends (`AssociationPool`)."""
     p = urlparse(url)
     if p.scheme in ("dicom", "dicom+tls"):
         if not p.username or not p.hostname or not p.port:
@@ -179,7 +339,9 @@ def sender_for(
             tls = tls or client_tls_context(None, None, None)
         else:
             tls = None
-        return DicomSender(url, unquote(p.username), p.hostname, p.port, calling_ae, tls)
+        return DicomSender(
+            url, unquote(p.username), p.hostname, p.port, calling_ae, tls, associations
+        )
     if p.scheme in ("orthanc+http", "orthanc+https"):
         scheme = p.scheme.split("+", 1)[1]
         host = p.hostname or ""
