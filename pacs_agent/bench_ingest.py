@@ -1,13 +1,16 @@
-"""`pacs-agent bench ingest`: C-STORE throughput of the agent next to dcmtk's storescp.
+"""`pacs-agent bench ingest`: C-STORE throughput of the agent next to dcmtk's storescp and Orthanc.
 
-Both receivers get the same files from dcmtk's storescu in the same run: N copies of the RG1
+All receivers get the same files from dcmtk's storescu in the same run: N copies of the RG1
 uncompressed radiograph (pydicom-data RG1_UNCR.dcm, 7.2 MB) and a batch of small CT slices
 (pydicom's CT_small.dcm), each copy under its own SOP Instance UID, over 1 and over 4 concurrent
 associations (one storescu process each). The agent runs as `pacs-agent serve` in a subprocess
 with a fresh SQLite database in a temporary data folder and a broker URL nobody listens on (only
 ingest is measured; no study completes during the run). storescp runs with --fork and
---bit-preserving; note that it does not fsync, while the agent fsyncs every file and commits
-every row with synchronous=FULL before it answers.
+--bit-preserving; note that it does not fsync, while the agent fsyncs every file and its folder
+and commits its row before it answers (in groups: one folder fsync and one transaction for the
+instances that arrive together). Orthanc (Debian's /usr/sbin/Orthanc, when installed) is the
+durable peer: SyncStorageArea on (it fsyncs each file), its SQLite index, no plugins, the same
+maximum PDU; it is left out, and says so, when it is not installed.
 
 Printed: MB/s and instances/s per receiver, workload and association count, the agent/storescp
 ratio, and the agent's peak resident memory (VmHWM) after each round, so that a long run
@@ -34,6 +37,8 @@ from pathlib import Path
 
 AGENT_AET = "PACSAGENT"
 STORESCP_AET = "STORESCP"
+ORTHANC_AET = "ORTHANC"
+ORTHANC_BINARY = "/usr/sbin/Orthanc"
 UNREACHABLE_BROKER = "redis://127.0.0.1:1/0"
 MB = 1_000_000
 # Debian's dcmtk leaves Nagle's algorithm on unless TCP_NODELAY=1 is in the environment; with it
@@ -261,6 +266,70 @@ class StoreSCP:
         self._log.close()
 
 
+class OrthancProcess:
+    """Orthanc writing to its own storage folder: the durable peer (it fsyncs each file)."""
+
+    def __init__(self, work: Path, max_pdu: int, binary: str = ORTHANC_BINARY) -> None:
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        root = work / "orthanc"
+        storage = root / "storage"
+        storage.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "bench",
+            "StorageDirectory": str(storage),
+            "IndexDirectory": str(storage),
+            "StorageCompression": False,
+            "SyncStorageArea": True,  # fsync each file, as the agent does
+            "DicomServerEnabled": True,
+            "DicomAet": ORTHANC_AET,
+            "DicomPort": self.dicom_port,
+            "DicomCheckCalledAet": False,
+            "DicomAlwaysAllowStore": True,
+            "DicomAlwaysAllowEcho": True,
+            "MaximumPduLength": max_pdu,
+            "DicomScpTimeout": 60,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "Plugins": [],
+            "MaximumStorageSize": 0,
+            "MaximumPatientCount": 0,
+        }
+        cfg_path = root / "orthanc.json"
+        cfg_path.write_text(json.dumps(config, indent=2))
+        self._log = open(root / "orthanc.log", "wb")
+        self.proc = subprocess.Popen(
+            [binary, str(cfg_path)],
+            cwd=root,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_port(self.dicom_port, 60, self.proc, "Orthanc")
+        wait_port(self.http_port, 60, self.proc, "Orthanc")
+
+    def instances(self) -> int:
+        import httpx
+
+        r = httpx.get(f"http://127.0.0.1:{self.http_port}/statistics", timeout=30)
+        r.raise_for_status()
+        return int(r.json()["CountInstances"])
+
+    def version(self) -> str:
+        import httpx
+
+        try:
+            r = httpx.get(f"http://127.0.0.1:{self.http_port}/system", timeout=10)
+            return f"Orthanc {r.json().get('Version', '?')}"
+        except (httpx.HTTPError, ValueError):
+            return "Orthanc (version unknown)"
+
+    def stop(self) -> None:
+        stop_process(self.proc, timeout=30)
+        self._log.close()
+
+
 class AgentProcess:
     """`pacs-agent serve` on free ports with a fresh data folder and database."""
 
@@ -296,7 +365,7 @@ class AgentProcess:
         self.proc = subprocess.Popen(
             [*cli, "serve"], env=env, stdout=self._log, stderr=subprocess.STDOUT
         )
-        self._wait_healthy(60)
+        self._wait_healthy(180)  # a loaded machine imports slowly
         self.rss_at_start_kb = memory_kb(self.proc.pid, "VmRSS")
 
     def _wait_healthy(self, timeout: float) -> None:
@@ -376,7 +445,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, object]:
         raise BenchError("nothing to send: --n-rg1 and --n-ct are both 0")
     per_round = sum(src.stat().st_size * n for _, src, n in workloads)
     # Source copies + storescp's copy of one round, and the agent's copies of every round.
-    needed = per_round * (2 + len(args.associations)) + 500 * MB
+    needed = per_round * (2 + 2 * len(args.associations)) + 500 * MB
     if shutil.disk_usage(work).free < needed:
         raise BenchError(f"not enough free disk in {work}: about {needed / 1e9:.1f} GB needed")
 
@@ -389,11 +458,21 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, object]:
         f"machine: {os.cpu_count()} CPU cores, {cpu_model()}; Python "
         f"{platform.python_version()}; {_dcmtk_version()}; load average {_load()}"
     )
+    import logging
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     scp = StoreSCP(work, args.max_pdu)
     agent = None
+    orthanc = None
     results: list[Measurement] = []
     rss: list[dict[str, object]] = []
     try:
+        if args.no_orthanc or not Path(args.orthanc).is_file():
+            why = "--no-orthanc" if args.no_orthanc else f"{args.orthanc} not found"
+            print(f"orthanc: not measured ({why})")
+        else:
+            orthanc = OrthancProcess(work, args.max_pdu, args.orthanc)
+            print(f"orthanc: {orthanc.version()} (SyncStorageArea, SQLite index)")
         agent = AgentProcess(work, args.max_pdu, args.database_url)
         print(f"agent RSS after start: {_mb(agent.rss_at_start_kb)}")
         for assoc in args.associations:
@@ -409,6 +488,15 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, object]:
                 scp.clear()
                 m_scp = Measurement("storescp", name, assoc, n, size, secs)
 
+                m_orthanc = None
+                if orthanc is not None:
+                    before = orthanc.instances()
+                    secs = send(orthanc.dicom_port, ORTHANC_AET, files, assoc, args.max_pdu, logs)
+                    got = orthanc.instances() - before
+                    if got != n:
+                        raise BenchError(f"Orthanc kept {got} of {n} {name} instances")
+                    m_orthanc = Measurement("orthanc", name, assoc, n, size, secs)
+
                 secs = send(agent.dicom_port, AGENT_AET, files, assoc, args.max_pdu, logs)
                 got = agent.recorded(study)
                 if got != n:
@@ -416,13 +504,20 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, object]:
                 m_agent = Measurement("agent", name, assoc, n, size, secs)
 
                 shutil.rmtree(work / f"src-{name}-{assoc}")
-                results += [m_scp, m_agent]
+                results += [m for m in (m_scp, m_orthanc, m_agent) if m is not None]
                 print(m_scp.line())
+                if m_orthanc is not None:
+                    print(m_orthanc.line())
                 print(m_agent.line())
                 print(
                     f"ratio     {name:4s} x{assoc:<2d} agent/storescp "
                     f"{m_agent.mb_per_s / m_scp.mb_per_s:.2f}"
                 )
+                if m_orthanc is not None:
+                    print(
+                        f"ratio     {name:4s} x{assoc:<2d} agent/orthanc "
+                        f"{m_agent.mb_per_s / m_orthanc.mb_per_s:.2f}"
+                    )
             hwm = agent.peak_rss_kb()
             rss.append({"after_associations": assoc, "peak_rss_kb": hwm})
             print(f"agent peak RSS (VmHWM) after the x{assoc} round: {_mb(hwm)}")
@@ -435,6 +530,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, object]:
     finally:
         if agent is not None:
             agent.stop()
+        if orthanc is not None:
+            orthanc.stop()
         scp.stop()
     return {
         "n_rg1": n_rg1,
@@ -511,6 +608,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="an empty database for the agent (default: a fresh SQLite file in the work dir)",
     )
+    p.add_argument(
+        "--orthanc",
+        default=ORTHANC_BINARY,
+        help=f"the Orthanc executable, the durable peer; default {ORTHANC_BINARY}",
+    )
+    p.add_argument("--no-orthanc", action="store_true", help="measure storescp and the agent only")
     p.add_argument("--work-dir", type=Path, default=None, help="default: a temporary folder")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     return p

@@ -351,3 +351,87 @@ def test_several_associations_at_once(listener: Listener, tmp_path: Path) -> Non
     instances = listener.instances()
     assert len(instances) == 40
     assert len({i.study_id for i in instances}) == 1  # one study row despite the races
+
+
+def _ct_copies(tmp: Path, prefix: str, n: int) -> list[Path]:
+    base = dcmread(sample_path("CT_small.dcm"))
+    base.StudyInstanceUID, base.SeriesInstanceUID = generate_uid(), generate_uid()
+    out = []
+    for i in range(n):
+        base.SOPInstanceUID = generate_uid()
+        base.file_meta.MediaStorageSOPInstanceUID = base.SOPInstanceUID
+        p = tmp / f"{prefix}-{i}.dcm"
+        base.save_as(p, enforce_file_format=True)
+        out.append(p)
+    return out
+
+
+def _store_all(port: int, files: list[Path], aet: str) -> list[int]:
+    """One pynetdicom association sending ``files``: the status of each C-STORE, in order."""
+    ae = AE(ae_title=aet)
+    ae.add_requested_context(dcmread(files[0], stop_before_pixels=True).SOPClassUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="PACSAGENT")
+    assert assoc.is_established
+    try:
+        statuses = []
+        for f in files:
+            rsp = assoc.send_c_store(dcmread(f))
+            statuses.append(int(rsp.Status) if "Status" in rsp else -1)
+        return statuses
+    finally:
+        assoc.release()
+
+
+def _refuse_instance_rows(listener: Listener, on: bool) -> None:
+    """A real database failure for every instance row: a trigger that aborts the INSERT."""
+    from sqlalchemy import text
+
+    with listener.db.session() as s:
+        pg = s.get_bind().dialect.name == "postgresql"
+        if on and pg:
+            s.execute(
+                text(
+                    "CREATE FUNCTION refuse_rows() RETURNS trigger AS $$ BEGIN "
+                    "RAISE EXCEPTION 'refused by the test'; END $$ LANGUAGE plpgsql"
+                )
+            )
+            s.execute(
+                text(
+                    "CREATE TRIGGER refuse BEFORE INSERT ON instances "
+                    "FOR EACH ROW EXECUTE FUNCTION refuse_rows()"
+                )
+            )
+        elif on:
+            s.execute(
+                text(
+                    "CREATE TRIGGER refuse BEFORE INSERT ON instances "
+                    "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+                )
+            )
+        else:
+            s.execute(text("DROP TRIGGER refuse ON instances" if pg else "DROP TRIGGER refuse"))
+
+
+def test_failed_group_commit_fails_each_c_store_and_keeps_serving(
+    listener: Listener, tmp_path: Path
+) -> None:
+    """Four associations at once while every row insert fails: each C-STORE is answered with a
+    failure (0xC211), none with Success; after the fault is gone the same files are stored."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    batches = [_ct_copies(tmp_path, f"b{g}", 5) for g in range(4)]
+    _refuse_instance_rows(listener, on=True)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(
+            pool.map(lambda g: _store_all(listener.port, batches[g], f"MOD{g}"), range(4))
+        )
+    assert [s for r in results for s in r] == [0xC211] * 20, results
+    assert listener.instances() == []
+    _refuse_instance_rows(listener, on=False)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(
+            pool.map(lambda g: _store_all(listener.port, batches[g], f"MOD{g}"), range(4))
+        )
+    assert [s for r in results for s in r] == [0x0000] * 20, results
+    assert len(listener.instances()) == 20
+    _assert_still_serving(listener)

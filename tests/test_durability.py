@@ -202,6 +202,86 @@ def test_kill_9_during_transfer_loses_no_acknowledged_instance(
         agent.stop()
 
 
+@pytest.mark.e2e
+def test_kill_9_after_a_burst_from_four_associations_loses_no_acknowledged_instance(
+    tmp_path: Path, demo_bundle: Path
+) -> None:
+    """Group commit: four storescu associations at once, the agent killed (-9) while they
+    send; every instance any of them was told was stored is there, complete, after restart
+    (so no Success left before its group's fsync and commit)."""
+    import os
+
+    from pacs_agent.db.migrate import upgrade
+
+    db_url = f"sqlite:///{tmp_path / 'agent.db'}"
+    upgrade(db_url)
+    agent = AgentEnv(tmp_path, db_url, f"redis://127.0.0.1:{free_port()}/0", demo_bundle, "")
+    agent.env["PACS_AGENT_QUIET_PERIOD_S"] = "3600"
+    batches = []
+    for g in range(4):
+        folder = tmp_path / f"batch{g}"
+        folder.mkdir()
+        batches.append(_copies(folder, 60))
+    proc = agent.start_agent()
+    logs = [tmp_path / f"storescu-{g}.log" for g in range(4)]
+    senders = []
+    for g, files in enumerate(batches):
+        with open(logs[g], "w") as log:
+            senders.append(
+                subprocess.Popen(
+                    [
+                        "storescu",
+                        "-v",
+                        "-aet",
+                        f"MOD{g}",
+                        "-aec",
+                        "PACSAGENT",
+                        "127.0.0.1",
+                        str(agent.dicom_port),
+                        *map(str, files),
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, "TCP_NODELAY": "1"},
+                )
+            )
+
+    def acked() -> list[str]:
+        return [f for path in logs for f in _acknowledged(path.read_text())]
+
+    end = time.monotonic() + 120
+    while len(acked()) < 60:
+        assert time.monotonic() < end, "transfer too slow"
+        assert all(p.poll() is None for p in senders), "a storescu finished before the kill"
+        time.sleep(0.02)
+    proc.stop(sig="kill")
+    for sender in senders:
+        sender.wait(timeout=60)
+    done = acked()
+    assert 60 <= len(done) < 240, len(done)
+    assert all(len(_acknowledged(path.read_text())) > 0 for path in logs)  # all four sent
+
+    agent.procs.clear()
+    agent.start_agent()  # start-up repair runs before the listener opens
+    try:
+        db = Database(db_url)
+        with db.session() as s:
+            rows = {i.sop_instance_uid: i for i in s.scalars(select(Instance))}
+        store = InstanceStore(agent.data_dir / "instances")
+        for f in done:
+            ds = dcmread(f)
+            assert ds.SOPInstanceUID in rows, f"acknowledged {Path(f).name} lost"
+            back = dcmread(store.path_for(rows[ds.SOPInstanceUID].path))
+            assert back.PixelData == ds.PixelData
+        for inst in rows.values():
+            assert dcmread(store.path_for(inst.path)).SOPInstanceUID == inst.sop_instance_uid
+        assert not list(store.root.rglob(".incoming-*"))
+        db.dispose()
+        print(f"acknowledged before kill -9: {len(done)}, recorded after restart: {len(rows)}")
+    finally:
+        agent.stop()
+
+
 def _vm_hwm_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):

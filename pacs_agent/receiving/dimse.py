@@ -8,6 +8,7 @@ Each failure stage has its own status (see pacs_agent.dicom_facts); an escaped e
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import tempfile
 import threading
@@ -99,6 +100,28 @@ class ReleaseTracker:
     def pop(self, assoc: Any) -> set[str]:
         with self._lock:
             return self._studies.pop(id(assoc), set())
+
+
+def handle_conn_open(event: Event) -> None:
+    """Answers leave at once (no Nagle delay behind a C-STORE response)."""
+    sock = getattr(event.assoc.dul.socket, "socket", None)
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
+def tune_listener(server: ThreadedAssociationServer, buffer_bytes: int) -> None:
+    """Larger kernel socket buffers on the listening socket (accepted connections inherit
+    them): a 7 MB instance streams in fewer, larger reads. 0 leaves the kernel's defaults."""
+    if buffer_bytes <= 0 or server.socket is None:
+        return
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            server.socket.setsockopt(socket.SOL_SOCKET, opt, buffer_bytes)
+        except OSError:
+            log.warning("could not set the DICOM listener's socket buffer to %d", buffer_bytes)
 
 
 def handle_released(event: Event, tracker: ReleaseTracker) -> None:
@@ -227,9 +250,11 @@ def start_scp(
     instances is released normally (not when it is aborted).
     """
     prepare_spool(settings.resolved_data_dir / "spool")
+    ingestor.committer.window_s = settings.ingest_group_window_ms / 1000
     ae = make_ae(settings)
     tracker = ReleaseTracker(on_release)
     handlers: list[Any] = [
+        (evt.EVT_CONN_OPEN, handle_conn_open),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [ingestor, tracker]),
         (evt.EVT_RELEASED, handle_released, [tracker]),
@@ -243,6 +268,7 @@ def start_scp(
         ssl_context=ctx,
     )
     assert server is not None  # block=False always returns the server
+    tune_listener(server, settings.dicom_socket_buffer_bytes)
     log.info(
         "DICOM listener %s on port %d%s",
         settings.ae_title,
