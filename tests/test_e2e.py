@@ -78,9 +78,11 @@ def stack(
     agent.env["PACS_AGENT_DELIVERY_BACKOFF_MAX_S"] = "2"
     agent.env["PACS_AGENT_DELIVERY_ATTEMPTS"] = "60"
     agent.env["PACS_AGENT_BROKER_VISIBILITY_TIMEOUT_S"] = "8"
-    # A killed worker's job is taken back when its heartbeat is 5 s old (defaults: 10 s / 60 s).
-    agent.env["PACS_AGENT_JOB_HEARTBEAT_S"] = "1"
-    agent.env["PACS_AGENT_JOB_HEARTBEAT_TIMEOUT_S"] = "5"
+    # A killed worker's job is taken back when its heartbeat is 20 s old (defaults: 10 s / 60 s).
+    # Not shorter: a decoder that holds the GIL (JPEG 2000 on a loaded 2-core machine) can keep
+    # the heartbeat thread waiting for seconds, and a taken-back job only starts over.
+    agent.env["PACS_AGENT_JOB_HEARTBEAT_S"] = "2"
+    agent.env["PACS_AGENT_JOB_HEARTBEAT_TIMEOUT_S"] = "20"
     orthanc_args = dict(
         workdir=tmp / "orthanc",
         http_port=orthanc_http,

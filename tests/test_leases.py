@@ -431,8 +431,8 @@ def test_a_killed_workers_job_is_finished_by_another_worker_once(
     )
     # A short heartbeat timeout for the test; the defaults are 10 s / 60 s (see the README).
     env.env.update(
-        PACS_AGENT_JOB_HEARTBEAT_S="1",
-        PACS_AGENT_JOB_HEARTBEAT_TIMEOUT_S="5",
+        PACS_AGENT_JOB_HEARTBEAT_S="2",
+        PACS_AGENT_JOB_HEARTBEAT_TIMEOUT_S="15",
         PACS_AGENT_WORKER_DEVICE="cpu",
         OMP_NUM_THREADS="1",
     )
@@ -473,7 +473,7 @@ def test_a_killed_workers_job_is_finished_by_another_worker_once(
         finished_s = time.monotonic() - killed_at
         print(
             f"\nrecovery: job running again {recovered_s:.1f} s after kill -9, done after "
-            f"{finished_s:.1f} s (heartbeat 1 s, timeout 5 s)"
+            f"{finished_s:.1f} s (heartbeat 2 s, timeout 15 s)"
         )
         assert done["status"] == "done", done
         job = _job(db, job_id)

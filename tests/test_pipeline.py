@@ -4,10 +4,12 @@ triage levels, and job claiming with leases and batching on both databases."""
 from __future__ import annotations
 
 import datetime as dt
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 from pydicom import dcmread
 from sqlalchemy import select, update
 
@@ -113,3 +115,49 @@ def test_claims_respect_leases_and_batch_queued_jobs(tmp_path: Path, database_ur
         assert s.scalars(select(Event).where(Event.kind == "job.running")).first() is not None
     assert attempts[ids[1]] == 2 and attempts[ids[3]] == 1
     db.dispose()
+
+
+def test_fetch_waits_for_a_restarting_agent() -> None:
+    """A worker fetching while the agent restarts (connection refused for a few seconds) gets the
+    instance once the agent is back, instead of failing the job (the chaos bench lost whole
+    studies this way); an agent that answers 404 is not waited for."""
+    import http.server
+    import threading
+
+    from pacs_agent.settings import Settings
+    from tests.conftest import free_port
+    from workers.pipeline import JobError, fetch_instance_bytes
+
+    port = free_port()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            body = b"DICM-bytes" if self.path.endswith("/present") else b""
+            self.send_response(200 if body else 404)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    servers: list[http.server.ThreadingHTTPServer] = []
+
+    def start_late() -> None:  # the agent comes back 2.5 s after the first attempt
+        srv = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        servers.append(srv)
+        srv.serve_forever()
+
+    timer = threading.Timer(2.5, start_late)
+    timer.start()
+    settings = Settings(agent_url=f"http://127.0.0.1:{port}", agent_fetch_wait_s=60)
+    try:
+        assert fetch_instance_bytes(settings, "present") == b"DICM-bytes"
+        started = time.monotonic()
+        with pytest.raises(JobError, match="404"):
+            fetch_instance_bytes(settings, "absent")
+        assert time.monotonic() - started < 10  # a 404 is final: no waiting out the deadline
+    finally:
+        timer.join()
+        for srv in servers:
+            srv.shutdown()
