@@ -89,6 +89,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from pacs_agent import bench_triage  # agent side: drives a real agent and worker
 
         return int(bench_triage.main(args.rest[1:]))
+    if args.rest[:1] == ["chaos"]:
+        from pacs_agent import bench_chaos  # agent side: kills and restarts a real deployment
+
+        return int(bench_chaos.main(args.rest[1:]))
+    if args.rest[:1] == ["retrieval"]:
+        from pacs_agent import bench_retrieval  # agent side: the similar-case index, no torch
+
+        return int(bench_retrieval.main(args.rest[1:]))
     if args.rest[:1] == ["ingest"]:
         import importlib
 
@@ -163,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("rest", nargs=argparse.REMAINDER)
         sp.set_defaults(func=cmd_models)
     bench = sub.add_parser(
-        "bench", help="benchmarks: ingest, encoder, pipeline, triage", add_help=False
+        "bench",
+        help="benchmarks: ingest, encoder, pipeline, triage, chaos, retrieval",
+        add_help=False,
     )
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)

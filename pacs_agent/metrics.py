@@ -19,7 +19,14 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -108,6 +115,13 @@ NOTIFICATIONS = Counter(
     "Triage notification attempts, by channel kind and outcome.",
     ["kind", "outcome"],
 )
+# Set by the fairness monitor's pass (pacs_agent.fairness.check) in the agent. Findings come from
+# the bundles' label lists and dimensions from a fixed set: bounded; subgroup values are not labels.
+FAIRNESS_FLAGS = Gauge(
+    "pacs_agent_fairness_flags",
+    "Subgroups whose positive prediction rate drifted past the margin, by finding and dimension.",
+    ["finding", "dimension"],
+)
 
 
 def _bounded(value: str | None, allowed: tuple[str, ...]) -> str:
@@ -157,6 +171,14 @@ def timed(stage: str, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> 
         return fn(*args, **kwargs)
     finally:
         stage_seconds(stage, time.monotonic() - t0)
+
+
+def fairness_flags(flags: dict[tuple[str, str], int]) -> None:
+    """The fairness monitor's latest pass: flagged subgroups per (finding, dimension), 0
+    included for every pair it evaluated; pairs no longer evaluated are dropped."""
+    FAIRNESS_FLAGS.clear()
+    for (finding, dimension), count in sorted(flags.items()):
+        FAIRNESS_FLAGS.labels(finding=finding, dimension=dimension).set(count)
 
 
 def job_finished(outcome: str) -> None:
@@ -252,6 +274,7 @@ def metric_names() -> set[str]:
         FAILURES,
         DELIVERIES,
         NOTIFICATIONS,
+        FAIRNESS_FLAGS,
     ):
         for family in collector.describe():
             if family.type == "histogram":

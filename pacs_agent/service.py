@@ -18,7 +18,7 @@ import uvicorn
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import select, text
 
-from pacs_agent import users
+from pacs_agent import fairness, users
 from pacs_agent.api.app import AgentState, create_app
 from pacs_agent.broker import EmbeddedBroker
 from pacs_agent.cleaning.retention import housekeeping
@@ -83,7 +83,7 @@ class Agent:
             job_heartbeat_timeout_s=settings.job_heartbeat_timeout_s,
             quiet_period_by_ae=settings.quiet_period_by_ae,
             complete_on_release_aes=settings.complete_on_release_aes,
-            housekeeping=lambda: housekeeping(self.db, self.store, settings),
+            housekeeping=self._housekeeping,
             offpeak_window=settings.offpeak_window,
             store=self.store,
             default_pipeline=settings.default_pipeline,
@@ -95,6 +95,11 @@ class Agent:
         self.scp: ThreadedAssociationServer | None = None
         self.http: uvicorn.Server | None = None
         self._http_thread: threading.Thread | None = None
+
+    def _housekeeping(self) -> None:
+        """Retention, then the fairness monitor's pass (each catches its own failures)."""
+        housekeeping(self.db, self.store, self.settings)
+        fairness.check(self.db, self.settings)
 
     def start(self) -> None:
         # Before the listener opens: index files a crash left without rows, mark lost files.

@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     # Calling AE titles allowed to store; empty means any.
     allowed_calling_aes: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_pdu: int = 262_144
+    # Kernel receive/send buffer of DICOM connections (bytes; 0: the kernel's default).
+    dicom_socket_buffer_bytes: int = Field(default=4 * 1024 * 1024, ge=0)
+    # Group commit of received instances: a forming group waits at most this long for
+    # instances still being staged by other associations (a lone instance never waits).
+    ingest_group_window_ms: float = Field(default=2.0, ge=0, le=1000)
     # DICOM TLS: certificate and key (PEM) turn it on; a CA file also requires client certificates.
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
@@ -158,18 +163,36 @@ class Settings(BaseSettings):
 
     # Worker
     worker_device: Literal["auto", "cpu", "cuda"] = "auto"
-    worker_dtype: Literal["float32", "bfloat16"] = "float32"
+    # auto: bfloat16 autocast on CUDA, float32 on a CPU (workers.models.runner.resolve_runtime)
+    worker_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # TF32 matmuls and convolutions for what stays float32 on CUDA (no effect on a CPU)
+    worker_tf32: bool = True
+    # torch.compile the encoder ("off", or a torch.compile mode; inductor on a CPU needs gcc).
+    # Compiles on the first batch of each input size: minutes on a small CPU.
+    torch_compile: Literal[
+        "off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
+    ] = "off"
     worker_concurrency: int = 1
     task_time_limit_s: int = 900
     # A running job belongs to its worker for this long (unset: the task time limit); after
     # that, a redelivered message or the agent's loop hands it to another worker.
     job_lease_s: int | None = None
+    # How long a worker waits for an unreachable agent (e.g. restarting) while fetching an
+    # instance before the job fails.
+    agent_fetch_wait_s: float = 120.0
     # A worker refreshes the heartbeat of the jobs it runs this often; a running job whose
     # heartbeat is older than the timeout lost its worker and is run again by another one.
     job_heartbeat_s: float = Field(default=10.0, gt=0)
     job_heartbeat_timeout_s: float = Field(default=60.0, gt=0)
     # Up to this many queued jobs share one model pass (a GPU does not want batch size 1).
     worker_batch_jobs: int = 8
+    # Images per encoder call (the model's batch), and the processes that decode and letterbox
+    # the next images while the model runs (unset: CPU count - 1, at least 1).
+    worker_batch_size: int = Field(default=4, ge=1)
+    decode_workers: int | None = Field(default=None, ge=1)
+    # An association to a C-STORE destination stays open this long after a delivery for the
+    # next job to reuse (0: one association per delivery).
+    dicom_association_idle_s: float = Field(default=10.0, ge=0)
     # Result delivery: attempts per destination before it is marked failed, and the backoff
     # between them (exponential from delivery_backoff_s, capped, with jitter).
     delivery_attempts: int = 10
@@ -199,6 +222,24 @@ class Settings(BaseSettings):
     # Refuse C-STORE with 0xA700 when the data_dir filesystem has less free space than this.
     min_free_disk_mb: int = 500
 
+    # Fairness monitor (pacs_agent.fairness): a subgroup's positive rate is flagged when it
+    # differs from the rest, or from its own baseline, by at least the margin (absolute rate)
+    # and the difference's confidence interval (Newcombe, from Wilson intervals) excludes 0;
+    # both sides need at least min_images. Window: the last days; baseline: the days before.
+    fairness_margin: float = Field(default=0.1, gt=0, lt=1)
+    fairness_min_images: int = Field(default=30, ge=1)
+    fairness_confidence: float = Field(default=0.99, gt=0.5, lt=1)
+    fairness_window_days: int = Field(default=7, ge=1, le=365)
+    fairness_baseline_days: int = Field(default=28, ge=0, le=3650)
+
+    # Similar-case retrieval (pacs_agent.retrieval): workers store each analysed image's CLS
+    # embedding; the agent's index is rebuilt from the table and kept as a snapshot here
+    # (unset: data_dir/retrieval; it is only a cache). A query waits at most retrieval_wait_s
+    # for the index to catch up, else 503.
+    retrieval_snapshot_dir: Path | None = None
+    retrieval_snapshot_every_s: float = Field(default=600.0, gt=0)
+    retrieval_wait_s: float = Field(default=10.0, gt=0)
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -222,6 +263,18 @@ class Settings(BaseSettings):
     def _split_aes(cls, v: Any) -> Any:
         if isinstance(v, str):
             return [a.strip() for a in v.split(",") if a.strip()]
+        return v
+
+    @field_validator("torch_compile", mode="before")
+    @classmethod
+    def _compile_flag(cls, v: Any) -> Any:
+        # PACS_AGENT_TORCH_COMPILE=true/1 means the default mode, false/0/empty means off
+        if isinstance(v, bool):
+            return "default" if v else "off"
+        if isinstance(v, str) and v.strip().lower() in {"1", "true", "yes", "on"}:
+            return "default"
+        if isinstance(v, str) and v.strip().lower() in {"", "0", "false", "no"}:
+            return "off"
         return v
 
     @field_validator("ae_title")
@@ -299,6 +352,14 @@ class Settings(BaseSettings):
         if self.bundle:
             return self.bundle.expanduser().resolve()
         return self.resolved_data_dir / "bundles" / "demo"
+
+    @property
+    def resolved_decode_workers(self) -> int:
+        """Decode processes of a worker: the setting, else CPU count - 1 (at least 1)."""
+        if self.decode_workers:
+            return self.decode_workers
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return max(1, (cpus or 1) - 1)
 
     @property
     def resolved_job_lease_s(self) -> int:

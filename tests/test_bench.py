@@ -53,7 +53,7 @@ def test_bench_pipeline_reports_stages_and_the_bound(
     cfg = ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=112)
     bundle = write_demo_bundle(tmp_path / "tiny", config=cfg)
     rc = model_cli.main(
-        ["bench", "pipeline", "--n", "1", "--bundle", str(bundle), "--workers", "1"]
+        ["bench", "pipeline", "--n", "2", "--bundle", str(bundle), "--workers", "1", "--compare"]
     )
     assert rc == 0
     out = capsys.readouterr().out
@@ -68,6 +68,12 @@ def test_bench_pipeline_reports_stages_and_the_bound(
     ):
         assert re.search(rf"^{re.escape(stage)}\s+[\d.]+\s+\d+%", out, re.MULTILINE), stage
     assert "RG1_J2KR.dcm" in out and "RANDOM weights" in out
-    assert re.search(r"serial end to end: [\d.]+ images/s", out)
     assert re.search(r"overlapped \(1 decode processes.*\): [\d.]+ images/s", out)
+    assert re.search(r"old path \(serial decode.*\): [\d.]+ images/s", out)
     assert re.search(r"bounding stage: \S+", out) and "<- bound" in out
+    # the bounded pipeline's high-water marks stay within their bounds
+    m = re.search(r"high water: pool (\d+)/(\d+), batch (\d+)/(\d+), writer queue (\d+)/2", out)
+    assert m and int(m[1]) <= int(m[2]) and int(m[3]) <= int(m[4]) and int(m[5]) <= 2
+    # the last line, exactly as the issue names it
+    last = out.strip().splitlines()[-1]
+    assert re.fullmatch(r"pipeline: [\d.]+ img/s, old path [\d.]+ img/s, speedup [\d.]+", last)

@@ -9,9 +9,11 @@
                   [--body-part-head FILE] [--anatomy chest --views PA AP] [--link|--symlink]
     models embed BUNDLE FILE.dcm... --out FILE.npz
     adapters train --bundle B --data DIR --labels labels.csv [--masks DIR] --out B2
+    adapters train-report --bundle B --data DIR --texts texts.csv --out B2 [--epochs N]
     adapters audit --bundle B --data DIR --labels labels.csv [--masks DIR] [--json FILE]
     bench encoder [--full] [--device cpu|cuda] [--models S B L] [--sizes ...] [--batch ...]
-    bench pipeline [--n N] [--bundle B] [--device ...] [--workers N]
+                  [--compare-transformers] [--compile MODE] [--rounds N]
+    bench pipeline [--n N] [--bundle B] [--device ...] [--workers N] [--compare]
 """
 
 from __future__ import annotations
@@ -142,6 +144,35 @@ def build_parser() -> argparse.ArgumentParser:
                 "--min-group", type=int, default=5, help="smallest subgroup that can be flagged"
             )
 
+    rep = adapters.add_parser(
+        "train-report",
+        help="train a report-generation adapter (patch tokens -> small causal LM)",
+    )
+    rep.add_argument("--bundle", type=Path, required=True)
+    rep.add_argument("--data", type=Path, required=True, help="folder of DICOM files")
+    rep.add_argument(
+        "--texts", type=Path, required=True, help="CSV: key column + text (+ optional split)"
+    )
+    rep.add_argument("--out", type=Path, required=True, help="new bundle folder")
+    rep.add_argument("--epochs", type=int, default=40)
+    rep.add_argument("--batch-size", type=int, default=32)
+    rep.add_argument("--lr", type=float, default=3e-3)
+    rep.add_argument("--layers", type=int, default=2, help="LM layers")
+    rep.add_argument("--width", type=int, default=128, help="LM embedding width")
+    rep.add_argument("--prefix-grid", type=int, default=8, help="prefix tokens per side")
+    rep.add_argument("--max-tokens", type=int, default=24, help="longest generated text")
+    rep.add_argument("--test-fraction", type=float, default=0.25)
+    rep.add_argument("--seed", type=int, default=0)
+    rep.add_argument("--cache", type=Path, default=None, help="feature cache folder")
+    rep.add_argument("--json", type=Path, default=None, help="write the report as JSON")
+    rep.add_argument("--device", default="cpu")
+    rep.add_argument("--dtype", default="float32")
+    rep.add_argument("--name", default=None)
+    rep.add_argument("--version", default=None)
+    rep.add_argument(
+        "--trained-on", default="user data", help="what the texts are, kept in the manifest"
+    )
+
     # bench ----------------------------------------------------------------------------------
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="cmd", required=True)
     enc = bench.add_parser("encoder", help="encoder images/s and TFLOP/s (random weights)")
@@ -149,7 +180,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--full", action="store_true", help="ViT-S/B/L x 224/518 x batch 1..64 (slow on a CPU)"
     )
     enc.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    enc.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    enc.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="auto: bfloat16 autocast on CUDA, float32 on a CPU",
+    )
+    enc.add_argument(
+        "--compile",
+        default="off",
+        choices=("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+        help="torch.compile mode for our encoder (as PACS_AGENT_TORCH_COMPILE)",
+    )
+    enc.add_argument("--no-tf32", action="store_true", help="CUDA: keep float32 matmuls exact")
+    enc.add_argument(
+        "--compare-transformers",
+        action="store_true",
+        help="also time transformers' Dinov2Model (SDPA) with the same weights and input",
+    )
+    enc.add_argument("--rounds", type=int, default=5, help="timed calls per point (median)")
+    enc.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     enc.add_argument("--models", nargs="+", default=None, help="S B L")
     enc.add_argument("--sizes", nargs="+", type=int, default=None)
     enc.add_argument("--batch", nargs="+", type=int, default=None)
@@ -166,8 +216,17 @@ def build_parser() -> argparse.ArgumentParser:
     pipe.add_argument("--bundle", type=Path, default=None, help="default: a DEMO bundle")
     pipe.add_argument("--device", default="cpu")
     pipe.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    pipe.add_argument("--batch", type=int, default=2, help="model batch size")
-    pipe.add_argument("--workers", type=int, default=2, help="decode processes")
+    pipe.add_argument("--batch", type=int, default=4, help="model batch size")
+    pipe.add_argument(
+        "--workers", type=int, default=None, help="decode processes (default: CPU count - 1)"
+    )
+    pipe.add_argument("--per-job", type=int, default=2, help="images per job")
+    pipe.add_argument(
+        "--rounds", type=int, default=1, help="alternate the paths; report the fastest of each"
+    )
+    pipe.add_argument(
+        "--compare", action="store_true", help="also time the old serial path, print the speedup"
+    )
     pipe.add_argument("--source", default="RG1_J2KR.dcm", help="pydicom-data test file")
     pipe.add_argument("--json", type=Path, default=None)
     return p
@@ -182,6 +241,7 @@ def main(argv: Sequence[str]) -> int:
         ("models", "embed"): _models_embed,
         ("adapters", "train"): _adapters_train,
         ("adapters", "audit"): _adapters_audit,
+        ("adapters", "train-report"): _adapters_train_report,
         ("bench", "encoder"): _bench_encoder,
         ("bench", "pipeline"): _bench_pipeline,
     }.get((args.group, args.cmd))
@@ -369,6 +429,41 @@ def _adapters_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _adapters_train_report(args: argparse.Namespace) -> int:
+    from workers.models.bundle import BundleError
+    from workers.training.data import DataError
+    from workers.training.features import default_cache_dir
+    from workers.training.report import ReportTrainOptions, train_report_adapter
+
+    opt = ReportTrainOptions(
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        n_layer=args.layers,
+        n_embd=args.width,
+        prefix_grid=args.prefix_grid,
+        max_new_tokens=args.max_tokens,
+        cache_dir=args.cache or default_cache_dir(),
+        device=args.device,
+        dtype=args.dtype,
+        name=args.name,
+        version=args.version,
+        trained_on=args.trained_on,
+    )
+    try:
+        report = train_report_adapter(args.bundle, args.data, args.texts, args.out, opt)
+    except (BundleError, DataError) as exc:
+        return _fail(f"training failed: {exc}")
+    print(report.table())
+    print(f"features: {report.cache_hits} of {report.n_train + report.n_test} from the cache")
+    print(f"new bundle: {args.out}")
+    if args.json:
+        args.json.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return 0
+
+
 def _adapters_audit(args: argparse.Namespace) -> int:
     from workers.models.bundle import BundleError
     from workers.training.audit import audit_bundle
@@ -414,8 +509,22 @@ def _bench_encoder(args: argparse.Namespace) -> int:
         plan = [(m, s, batches) for m in models for s in sizes]
     else:
         plan = list(DEFAULT_PLAN)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.compare_transformers and not (args.full or args.models or args.sizes or args.batch):
+        plan = [("B", 518, (1,))]  # RAD-DINO's setting: the goal's comparison point
     results = bench_encoder(
-        plan, device=args.device, dtype=args.dtype, min_time=args.min_time, max_call_s=args.max_call
+        plan,
+        device=args.device,
+        dtype=args.dtype,
+        min_time=args.min_time,
+        max_call_s=args.max_call,
+        rounds=args.rounds,
+        compile=args.compile,
+        tf32=not args.no_tf32,
+        compare_transformers=args.compare_transformers,
     )
     bench_json(str(args.json) if args.json else None, [r.to_dict() for r in results])
     return 0
@@ -432,6 +541,9 @@ def _bench_pipeline(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         batch_size=args.batch,
         workers=args.workers,
+        per_job=args.per_job,
+        compare=args.compare,
+        rounds=args.rounds,
         source=args.source,
     )
     bench_json(str(args.json) if args.json else None, result)

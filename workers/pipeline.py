@@ -20,6 +20,7 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
-from pacs_agent import metrics
+from pacs_agent import fairness, metrics
 from pacs_agent.db.models import (
     Instance,
     Job,
@@ -43,7 +44,7 @@ from pacs_agent.db.models import (
 from pacs_agent.db.session import Database, record_event
 from pacs_agent.destinations import configured_urls, resolve_reference
 from pacs_agent.dispatching.delivery import deliver_job_results
-from pacs_agent.dispatching.senders import client_tls_context
+from pacs_agent.dispatching.senders import AssociationPool, client_tls_context
 from pacs_agent.receiving.store import fsync_dir
 from pacs_agent.scheduling import claims as claim_rules
 from pacs_agent.scheduling import leases as job_leases
@@ -53,6 +54,7 @@ from pacs_agent.scheduling.pipelines import queue_name
 from pacs_agent.settings import Settings
 from workers.dicom_out.outputs import OutputOptions, OutputSet, build_output_set
 from workers.leases import JobLeases
+from workers.overlap import Group, run_overlapped
 from workers.reasons import hide_value_warnings, reason_for, trace
 from workers.results import AlgorithmInfo, ImageResult
 
@@ -72,6 +74,49 @@ class WorkerContext:
     # This worker's name (its heartbeat row), named in each job's "job.running" event.
     name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     _leases: JobLeases | None = None
+    # Input size -> this process's decode pool (processes; threads when decoding on a GPU),
+    # kept for the worker's life; the associations to C-STORE destinations kept between jobs.
+    _pools: dict[int, Any] = field(default_factory=dict)
+    _associations: AssociationPool | None = None
+
+    def decode_pool(self, size: int) -> Any:
+        """The process's `DecodePool` for input ``size`` (started with the first job)."""
+        from workers.decode_pool import DecodePool
+
+        with self._lock:
+            pool = self._pools.get(size)
+            if pool is None:
+                workers = self.settings.resolved_decode_workers
+                pool = DecodePool(
+                    size,
+                    workers=workers,
+                    prefetch=2 * workers,
+                    prefer_gpu=self.settings.worker_device != "cpu",
+                    # The worker has threads (leases, broker) and maybe CUDA: no fork of it.
+                    start_method="spawn",
+                )
+                log.info(
+                    "decode pool: %d %s for %d px inputs",
+                    workers,
+                    "GPU threads" if pool.prefer_gpu else "processes",
+                    size,
+                )
+                self._pools[size] = pool
+            return pool
+
+    def drop_decode_pool(self, size: int) -> None:
+        """Close a pool that failed (a crashed process breaks it); the next job starts one."""
+        with self._lock:
+            pool = self._pools.pop(size, None)
+        if pool is not None:
+            pool.close()
+
+    @property
+    def associations(self) -> AssociationPool:
+        with self._lock:
+            if self._associations is None:
+                self._associations = AssociationPool(self.settings.dicom_association_idle_s)
+            return self._associations
 
     @property
     def leases(self) -> JobLeases:
@@ -113,7 +158,13 @@ class WorkerContext:
                 # Per-label activation maps are not written anywhere yet: leave them off
                 # (full-size float maps, about 72 MB per radiograph for five labels).
                 self._runners[name] = ModelRunner(
-                    bundle, device=device, dtype=self.settings.worker_dtype, cam=False
+                    bundle,
+                    device=device,
+                    dtype=self.settings.worker_dtype,
+                    batch_size=self.settings.worker_batch_size,
+                    cam=False,
+                    tf32=self.settings.worker_tf32,
+                    compile=self.settings.torch_compile,
                 )
                 log.info(
                     "pipeline %s: bundle %s %s loaded on %s",
@@ -160,10 +211,35 @@ class LeaseLost(Exception):
     """The job is no longer this worker's claim (taken back, or claimed by another worker)."""
 
 
-def fetch_instance(settings: Settings, sop_uid: str, db: Database | None = None) -> Dataset:
+_HTTP: dict[int, httpx.Client] = {}  # pid -> this worker process's client to the agents
+_HTTP_LOCK = threading.Lock()
+
+
+def agent_client() -> httpx.Client:
+    """One HTTP client per worker process, shared by all its jobs: its connections to the
+    agents stay open between images and jobs (keep-alive), and a connection that fails to open
+    is retried by the transport. A forked child makes its own (sockets are not shared)."""
+    pid = os.getpid()
+    with _HTTP_LOCK:
+        client = _HTTP.get(pid)
+        if client is None:
+            client = httpx.Client(
+                transport=httpx.HTTPTransport(retries=2),
+                timeout=httpx.Timeout(60.0, connect=10.0),
+                limits=httpx.Limits(max_keepalive_connections=8, keepalive_expiry=60.0),
+            )
+            _HTTP.clear()  # a parent's client, inherited over fork, is never used here
+            _HTTP[pid] = client
+        return client
+
+
+def fetch_instance_bytes(settings: Settings, sop_uid: str, db: Database | None = None) -> bytes:
     """The instance's file, over HTTP from the agent that stored it (``instances.stored_by``;
     with several agents each holds its own); the configured agent URL when the row names none
-    or no database is given. Workers share no folder with any agent."""
+    or no database is given. Workers share no folder with any agent. Over the process's
+    shared client (`agent_client`). An agent that is restarting (connection refused, dropped,
+    5xx) is waited for up to ``agent_fetch_wait_s`` with backoff while the job keeps its lease
+    (the heartbeat thread runs meanwhile): a restart must not fail a job for good."""
     agent = settings.resolved_agent_url
     if db is not None:
         with db.session() as s:
@@ -174,18 +250,28 @@ def fetch_instance(settings: Settings, sop_uid: str, db: Database | None = None)
     headers = {"authorization": f"Bearer {settings.api_token}"} if settings.api_token else {}
     url = f"{agent}/api/instances/{sop_uid}"
     last: Exception | None = None
-    for attempt in range(3):
+    deadline = time.monotonic() + settings.agent_fetch_wait_s
+    attempt = 0
+    while True:
         try:
-            r = httpx.get(url, headers=headers, timeout=60)
+            r = agent_client().get(url, headers=headers)
             if r.status_code == 200:
-                return dcmread(io.BytesIO(r.content))
+                return r.content
             last = JobError(f"agent answered {r.status_code} for instance {sop_uid}")
-            if r.status_code in (404, 410):
+            if r.status_code < 500:  # 404/410 gone, 401/403 refused: waiting will not help
                 break
         except httpx.HTTPError as exc:
             last = exc
-        time.sleep(1.0 + attempt)
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(min(1.0 * 2**attempt, 10.0, max(deadline - time.monotonic(), 0.0)))
+        attempt += 1
     raise JobError(f"cannot fetch instance {sop_uid}: {last}")
+
+
+def fetch_instance(settings: Settings, sop_uid: str, db: Database | None = None) -> Dataset:
+    """`fetch_instance_bytes`, read as a dataset."""
+    return dcmread(io.BytesIO(fetch_instance_bytes(settings, sop_uid, db)))
 
 
 def triage_level(results: list[ImageResult], policy: Any = None) -> str:
@@ -544,6 +630,7 @@ def _deliver(
         else None,
         dicomweb_token=settings.dicomweb_token,
         resolve=lambda ref: resolve_reference(ref, configured),
+        associations=ctx.associations,
     )
     metrics.stage_seconds("delivery", time.monotonic() - t_delivery)
     if outcome.failed:
@@ -589,11 +676,16 @@ def _store_outputs(
     token: Token | None = None,
     *,
     frames: dict[str, int] | None = None,
+    sources: list[Dataset] | None = None,
+    bundle_checksum: str | None = None,
+    bundle_is_demo: bool = False,
 ) -> None:
     """Write the output files and upsert their result rows (``source_frame``: the analysed
     frame of a multi-frame source, from ``frames``). With the claim's ``token`` the rows
     are written in the transaction that fences the claim; a worker that lost it raises
-    LeaseLost before writing anything (files included)."""
+    LeaseLost before writing anything (files included). Then, with the ``sources`` headers
+    and the ``bundle_checksum``, each image's findings are counted for the fairness monitor
+    (pacs_agent.fairness: coarse subgroup bins only; best effort, never fails the job)."""
     root = ctx.settings.results_dir
     with ctx.db.session() as s:
         # The fence locks the job's row until these rows commit: nobody takes the job meanwhile.
@@ -613,10 +705,23 @@ def _store_outputs(
                         "probability": round(f.probability, 4),
                         "present": f.present,
                         "source": f.source_sop_instance_uid,
+                        # localization of every label, for POST /api/grounding
+                        "point": list(f.point) if f.point is not None else None,
+                        "region": {
+                            "box": [round(v, 2) for v in f.region.box],
+                            "basis": f.region.basis,
+                            "peak": round(f.region.peak, 6),
+                        }
+                        if f.region is not None
+                        else None,
                     }
                     for r in results
                     for f in r.findings
                 ]
+                # grounding phrases (label names and the bundle's synonyms) -> label; one
+                # bundle per job, so the first image's is everyone's
+                vocabulary: Any = results[0].extra.get("vocabulary") if results else None
+                summary["vocabulary"] = dict(vocabulary or {})
             existing = s.scalar(
                 select(Result).where(Result.sop_instance_uid == str(ds.SOPInstanceUID))
             )
@@ -638,8 +743,53 @@ def _store_outputs(
                 existing.path = relpath
                 existing.summary = summary
                 existing.source_frame = (frames or {}).get(source_uid) if source_uid else None
+        if held and bundle_checksum:
+            # similar cases: each image's CLS embedding, in the same transaction
+            _store_embeddings(s, job_id, results, bundle_checksum, demo=bundle_is_demo)
     if not held:
         _fence_or_raise(ctx, token, "its outputs")  # records job.lease_lost and raises
+    if sources is not None and bundle_checksum:
+        fairness.record(ctx.db, job_id, bundle_checksum, results, sources)
+
+
+def _store_embeddings(
+    s: Session, job_id: int, results: list[ImageResult], bundle_checksum: str, *, demo: bool
+) -> None:
+    """One ``embeddings`` row per analysed image and bundle (pacs_agent.retrieval), upserted:
+    a re-run with the same bundle keeps the row's id, which the agent's index holds."""
+    from pacs_agent.db.models import Embedding
+    from pacs_agent.retrieval import encode_vector
+
+    study_id = s.get_one(Job, job_id).study_id
+    for r in results:
+        cls = r.extra.get("cls")
+        if cls is None:
+            continue
+        try:
+            vector = encode_vector(cls)  # type: ignore[arg-type]
+        except ValueError as exc:
+            log.warning("image %s: no embedding stored: %s", r.source_sop_instance_uid, exc)
+            continue
+        row = s.scalar(
+            select(Embedding).where(
+                Embedding.sop_instance_uid == r.source_sop_instance_uid,
+                Embedding.bundle_checksum == bundle_checksum,
+            )
+        )
+        if row is None:
+            s.add(
+                Embedding(
+                    sop_instance_uid=r.source_sop_instance_uid,
+                    study_id=study_id,
+                    job_id=job_id,
+                    bundle_checksum=bundle_checksum,
+                    is_demo=demo,
+                    dim=len(vector) // 4,
+                    vector=vector,
+                )
+            )
+        else:
+            row.job_id, row.vector, row.dim = job_id, vector, len(vector) // 4
 
 
 @dataclass
@@ -903,18 +1053,6 @@ def _process(ctx: WorkerContext, job_id: int, *, _interject_above: str | None = 
         return _hand_on(ctx, job_id)
     for claim in claims:
         ctx.leases.hold(claim.token)
-    prepared: list[_Prepared] = []
-    for claim in claims:
-        _interject(ctx, pipeline, claim, _interject_above)
-        try:
-            prepared.append(metrics.timed("fetch_decode", _prepare, ctx, claim))
-        except Exception as exc:
-            why = reason_for(exc, "fetch or decode")
-            log.error("job %s failed: %s\n%s", claim.job_id, why, trace(exc))
-            metrics.failure("fetch_decode")
-            _finish(ctx.db, claim.job_id, error=why, token=claim.token)
-    if not prepared:
-        return "failed"
     try:
         runner = ctx.runner(pipeline)
         bundle = runner.bundle  # type: ignore[attr-defined]
@@ -924,123 +1062,246 @@ def _process(ctx: WorkerContext, job_id: int, *, _interject_above: str | None = 
             checksum=bundle.checksum,
             is_demo=bundle.is_demo,
         )
-        t0 = time.monotonic()
-        all_results = _run_model(runner, prepared)
-        metrics.stage_seconds("encoder", time.monotonic() - t0)
-        log.info(
-            "pipeline %s: model ran on %d images of %d jobs in %.2f s",
-            pipeline,
-            sum(len(p.images) for p in prepared),
-            len(prepared),
-            time.monotonic() - t0,
-        )
     except Exception as exc:
         why = reason_for(exc, "model")
-        ids = [p.claim.job_id for p in prepared]
-        log.error("model run failed for jobs %s: %s\n%s", ids, why, trace(exc))
-        for p in prepared:
+        log.error(
+            "model failed to load for jobs %s: %s\n%s", [c.job_id for c in claims], why, trace(exc)
+        )
+        for claim in claims:
             metrics.failure("model")
-            _finish(ctx.db, p.claim.job_id, error=why, token=p.claim.token)
-        return "failed"
-    by_uid = {r.source_sop_instance_uid: r for r in all_results}
-    policy = getattr(bundle, "triage_policy", None)
-    levels = {
-        p.claim.job_id: triage_level([by_uid[sop] for sop, _ in p.images if sop in by_uid], policy)
-        for p in prepared
-    }
-    # A critical result's outputs and deliveries go first within the batch.
-    prepared.sort(key=lambda p: -_LEVEL_RANK.get(levels[p.claim.job_id], 0))
-    status = "processed"
-    for p in prepared:
-        claim = p.claim
-        _interject(ctx, pipeline, claim, _interject_above)
-        try:
-            if p.model_skipped:
-                with ctx.db.session() as s:
-                    record_event(
-                        s,
-                        "job.images_skipped",
-                        "; ".join(p.model_skipped),
-                        study_id=claim.study_id,
-                        job_id=claim.job_id,
-                        level="warning",
-                    )
-            if not p.images:  # every image of this job failed in the model pass
-                _finish(
-                    ctx.db,
-                    claim.job_id,
-                    error="no image could be analysed: " + "; ".join(p.skipped + p.model_skipped),
-                    token=claim.token,
-                )
-                continue
-            results, sources, refused = _quality_control(bundle, p, by_uid)
-            if refused:
-                metrics.failure("quality_control")
-                with ctx.db.session() as s:
-                    record_event(
-                        s,
-                        "job.qc_refused",
-                        "; ".join(refused),
-                        study_id=claim.study_id,
-                        job_id=claim.job_id,
-                        level="warning",
-                    )
-            if not results:
-                _finish(
-                    ctx.db,
-                    claim.job_id,
-                    error=None,
-                    skipped="quality control: " + "; ".join(refused),
-                    token=claim.token,
-                )
-                continue
-            p.sources = sources
-            triage = triage_level(results, policy)
-            t_out = time.monotonic()
-            made = build_output_set(
-                p.sources,
-                results,
-                algorithm,
-                claim.study_version,
-                OutputOptions.from_settings(settings),
-                triage=triage,
-                frames=p.frames,
-            )
-            images_skipped = _record_output_skips(ctx, claim, p, made)
-            if not made.outputs:
-                metrics.failure("outputs")
-                _finish(
-                    ctx.db,
-                    claim.job_id,
-                    error="no output could be made: "
-                    + "; ".join(k.describe() for k in made.skipped),
-                    token=claim.token,
-                )
-                continue
-            outputs = made.outputs
-            _store_outputs(ctx, claim.job_id, outputs, results, claim.token, frames=made.frames)
-            metrics.stage_seconds("writers", time.monotonic() - t_out)
-            with ctx.db.session() as s:
-                held = fence(s, claim.token)
-                if held:
-                    j = s.get_one(Job, claim.job_id)
-                    j.bundle_checksum = bundle.checksum
-                    j.images_skipped = images_skipped or None
-                    _record_triage(s, settings, j, triage, results, bundle.is_demo)
-            if not held:
-                _fence_or_raise(ctx, claim.token, "its triage")  # records and raises
-            _deliver(ctx, claim.job_id, claim.study_id, claim.destinations, claim.token)
-        except LeaseLost as exc:
-            # Taken back (its heartbeat went stale) and maybe run by another worker: this
-            # worker's work on it is discarded; the job.lease_lost event says so.
-            log.warning("%s: this worker lost its claim", exc)
-            if claim.job_id == job_id:
-                status = "discarded"
-        except Exception as exc:
-            why = reason_for(exc, "outputs")
-            log.error("job %s failed: %s\n%s", claim.job_id, why, trace(exc))
-            metrics.failure("outputs")
             _finish(ctx.db, claim.job_id, error=why, token=claim.token)
-            if claim.job_id == job_id:
-                status = "failed"
+        return "failed"
+    policy = getattr(bundle, "triage_policy", None)
+    size = bundle.preprocessing.size
+    # Overlapped (workers/overlap.py): while the model runs a batch, the decode pool decodes
+    # the next images and the writer thread writes the outputs of the jobs already through.
+    # Each job is written as soon as its images are through the model (a critical result no
+    # longer waits for the rest of the batch); a more urgent job that arrived meanwhile runs
+    # before the next job's images are fetched.
+    headers: dict[int, dict[str, Dataset]] = {}
+    written: set[int] = set()
+    outcome = {"status": "processed"}
+
+    def sources(claim: ClaimedJob) -> Iterator[tuple[str, bytes]]:
+        own = headers.setdefault(claim.job_id, {})
+        for sop in claim.sops:
+            blob = fetch_instance_bytes(settings, sop, ctx.db)
+            own[sop] = dcmread(io.BytesIO(blob))  # the header for the writers; pixels stay encoded
+            yield sop, blob
+
+    def infer(images: list[Any]) -> list[Any]:
+        return list(runner.run_prepared(images))  # type: ignore[attr-defined]
+
+    def write(group: Group[ClaimedJob]) -> None:
+        claim = group.key
+        try:
+            status = _write_group(
+                ctx, group, headers.pop(claim.job_id, {}), bundle, algorithm, policy
+            )
+        finally:
+            written.add(claim.job_id)
+        if status is not None and claim.job_id == job_id:
+            outcome["status"] = status
+
+    try:
+        stats = run_overlapped(
+            claims,
+            sources,
+            ctx.decode_pool(size),
+            infer,
+            write,
+            batch_size=settings.worker_batch_size,
+            write_queue=2,
+            before_group=lambda claim: _interject(ctx, pipeline, claim, _interject_above),
+        )
+    except Exception as exc:
+        # The pool broke (a decode process died) or the model crashed outside an image: the
+        # jobs not written yet fail with the reason; the next job starts a fresh pool.
+        ctx.drop_decode_pool(size)
+        why = reason_for(exc, "fetch or decode")
+        for claim in claims:
+            if claim.job_id not in written:
+                log.error("job %s failed: %s\n%s", claim.job_id, why, trace(exc))
+                metrics.failure("fetch_decode")
+                _finish(ctx.db, claim.job_id, error=why, token=claim.token)
+        return "failed"
+    metrics.stage_seconds("fetch_decode", stats.read_s + stats.wait_s)
+    metrics.stage_seconds("encoder", stats.model_s)
+    log.info(
+        "pipeline %s: %d images of %d jobs in %.2f s (model %.2f s, waiting for decode %.2f s, "
+        "writers %.2f s)",
+        pipeline,
+        stats.images,
+        stats.groups,
+        stats.wall_s,
+        stats.model_s,
+        stats.wait_s,
+        stats.write_s,
+    )
+    return outcome["status"]
+
+
+def _write_group(
+    ctx: WorkerContext,
+    group: Group[ClaimedJob],
+    headers: dict[str, Dataset],
+    bundle: Any,
+    algorithm: AlgorithmInfo,
+    policy: Any,
+) -> str | None:
+    """One job's images through the model: its outputs, triage and deliveries (in the writer
+    thread). Returns "failed" or "discarded" when the job ends so, else None."""
+    claim = group.key
+    settings = ctx.settings
+    if group.error is not None:
+        why = reason_for(group.error, "fetch or decode")
+        log.error("job %s failed: %s\n%s", claim.job_id, why, trace(group.error))
+        metrics.failure("fetch_decode")
+        _finish(ctx.db, claim.job_id, error=why, token=claim.token)
+        return "failed"
+    p = _Prepared(claim)
+    for d in group.decoded:
+        if d.image is None:
+            p.skipped.append(f"{d.sop}: {d.error}")
+        elif d.sop in group.model_errors:
+            exc = group.model_errors[d.sop]
+            p.model_skipped.append(f"{d.sop}: {reason_for(exc, 'model')}")
+            log.warning("image %s not analysed: %s\n%s", d.sop, type(exc).__name__, trace(exc))
+        else:
+            p.images.append((d.sop, d.image))
+            p.sources.append(headers[d.sop])
+            if d.frame is not None:
+                p.frames[d.sop] = d.frame
+    if p.skipped:
+        with ctx.db.session() as s:
+            record_event(
+                s,
+                "job.images_skipped",
+                "; ".join(p.skipped),
+                study_id=claim.study_id,
+                job_id=claim.job_id,
+                level="warning",
+            )
+    if len(p.skipped) == len(group.decoded):
+        metrics.failure("fetch_decode")
+        _finish(
+            ctx.db,
+            claim.job_id,
+            error="no image could be decoded: " + "; ".join(p.skipped),
+            token=claim.token,
+        )
+        return "failed"
+    by_uid: dict[str, ImageResult] = group.results
+    status: str | None = None
+    try:
+        if p.model_skipped:
+            with ctx.db.session() as s:
+                record_event(
+                    s,
+                    "job.images_skipped",
+                    "; ".join(p.model_skipped),
+                    study_id=claim.study_id,
+                    job_id=claim.job_id,
+                    level="warning",
+                )
+        if not p.images:  # every image of this job failed in the model pass
+            _finish(
+                ctx.db,
+                claim.job_id,
+                error="no image could be analysed: " + "; ".join(p.skipped + p.model_skipped),
+                token=claim.token,
+            )
+            return "failed"
+        results, sources, refused = _quality_control(bundle, p, by_uid)
+        if refused:
+            metrics.failure("quality_control")
+            with ctx.db.session() as s:
+                record_event(
+                    s,
+                    "job.qc_refused",
+                    "; ".join(refused),
+                    study_id=claim.study_id,
+                    job_id=claim.job_id,
+                    level="warning",
+                )
+        if not results:
+            _finish(
+                ctx.db,
+                claim.job_id,
+                error=None,
+                skipped="quality control: " + "; ".join(refused),
+                token=claim.token,
+            )
+            return None
+        p.sources = sources
+        triage = triage_level(results, policy)
+        t_out = time.monotonic()
+        made = build_output_set(
+            p.sources,
+            results,
+            algorithm,
+            claim.study_version,
+            OutputOptions.from_settings(settings),
+            triage=triage,
+            frames=p.frames,
+        )
+        images_skipped = _record_output_skips(ctx, claim, p, made)
+        report_failed = [
+            k for k in made.skipped if k.kind == "sr" and k.source_sop_instance_uid is None
+        ]
+        if report_failed:
+            # The study's report carries the findings: without it the job is not done (an
+            # operator's retry runs it again; the other objects keep their UIDs).
+            metrics.failure("outputs")
+            _finish(
+                ctx.db,
+                claim.job_id,
+                error="the report (SR) could not be made: "
+                + "; ".join(k.describe() for k in report_failed),
+                token=claim.token,
+            )
+            return "failed"
+        if not made.outputs:
+            metrics.failure("outputs")
+            _finish(
+                ctx.db,
+                claim.job_id,
+                error="no output could be made: " + "; ".join(k.describe() for k in made.skipped),
+                token=claim.token,
+            )
+            return "failed"
+        outputs = made.outputs
+        _store_outputs(
+            ctx,
+            claim.job_id,
+            outputs,
+            results,
+            claim.token,
+            frames=made.frames,
+            sources=p.sources,
+            bundle_checksum=bundle.checksum,
+            bundle_is_demo=bundle.is_demo,
+        )
+        metrics.stage_seconds("writers", time.monotonic() - t_out)
+        with ctx.db.session() as s:
+            held = fence(s, claim.token)
+            if held:
+                j = s.get_one(Job, claim.job_id)
+                j.bundle_checksum = bundle.checksum
+                j.images_skipped = images_skipped or None
+                _record_triage(s, settings, j, triage, results, bundle.is_demo)
+        if not held:
+            _fence_or_raise(ctx, claim.token, "its triage")  # records and raises
+        _deliver(ctx, claim.job_id, claim.study_id, claim.destinations, claim.token)
+    except LeaseLost as exc:
+        # Taken back (its heartbeat went stale) and maybe run by another worker: this
+        # worker's work on it is discarded; the job.lease_lost event says so.
+        log.warning("%s: this worker lost its claim", exc)
+        status = "discarded"
+    except Exception as exc:
+        why = reason_for(exc, "outputs")
+        log.error("job %s failed: %s\n%s", claim.job_id, why, trace(exc))
+        metrics.failure("outputs")
+        _finish(ctx.db, claim.job_id, error=why, token=claim.token)
+        status = "failed"
     return status

@@ -54,6 +54,8 @@ def create_app(state: AgentState) -> FastAPI:
         audit,
         auth,
         destinations,
+        fairness,
+        grounding,
         health,
         instances,
         jobs,
@@ -64,6 +66,7 @@ def create_app(state: AgentState) -> FastAPI:
         queue,
         refusals,
         rules,
+        similar,
         studies,
         users,
         webhook,
@@ -83,6 +86,7 @@ def create_app(state: AgentState) -> FastAPI:
         webhook,
         auth,
         instances,
+        similar,
         studies,
         pulls,
         jobs,
@@ -94,6 +98,8 @@ def create_app(state: AgentState) -> FastAPI:
         users,
         audit,
         refusals,
+        fairness,
+        grounding,
         metrics,
     ):
         app.include_router(module.router)

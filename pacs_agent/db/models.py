@@ -9,10 +9,12 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     Boolean,
+    Date,
     DateTime,
     Float,
     ForeignKey,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -438,3 +440,44 @@ class Refusal(Base):
     study_instance_uid: Mapped[str | None] = mapped_column(UID)
     status: Mapped[int] = mapped_column(Integer)  # the DIMSE status (e.g. 0xA900, 0xC000)
     reason: Mapped[str] = mapped_column(Text)
+
+
+class Embedding(Base):
+    """The CLS embedding of one analysed image (similar-case retrieval, pacs_agent.retrieval):
+    a unit float32 vector, written with the job's results. Vectors of different bundles
+    (``bundle_checksum``) are never compared."""
+
+    __tablename__ = "embeddings"
+    __table_args__ = (UniqueConstraint("sop_instance_uid", "bundle_checksum"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
+    bundle_checksum: Mapped[str] = mapped_column(String(64), index=True)
+    is_demo: Mapped[bool] = mapped_column(Boolean, default=False)
+    dim: Mapped[int] = mapped_column(Integer)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)  # dim little-endian float32, unit norm
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class FairnessObservation(Base):
+    """fairness: one analysed image's outcome for one finding, with its coarse subgroup bins
+    (pacs_agent.fairness). Bounded values only, never patient data; aggregated on read into
+    prediction rates per subgroup, removed after the monitor's window and baseline."""
+
+    __tablename__ = "fairness_observations"
+    __table_args__ = (UniqueConstraint("bundle_checksum", "sop_instance_uid", "finding"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    day: Mapped[dt.date] = mapped_column(Date, index=True)  # UTC day the result was stored
+    pipeline: Mapped[str] = mapped_column(String(128))
+    bundle_checksum: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(UID)  # the analysed image: counted once
+    finding: Mapped[str] = mapped_column(String(128))
+    positive: Mapped[bool] = mapped_column(Boolean)
+    sex: Mapped[str] = mapped_column(String(8))  # M | F | O | unknown
+    age_band: Mapped[str] = mapped_column(String(8))  # 0-17 | 18-39 | 40-64 | 65+ | unknown
+    manufacturer: Mapped[str] = mapped_column(String(32))  # a fixed vendor set, other, unknown
+    view: Mapped[str] = mapped_column(String(8))  # PA | AP | LAT | other | unknown
+    calling_ae: Mapped[str] = mapped_column(String(16))  # the study's calling AE, or unknown

@@ -327,10 +327,13 @@ def build_sr(
                 finding_type=code,
                 algorithm_id=algorithm_id,
                 # TID 1410 measurements refer to the group's region, not to a SCOORD of
-                # their own (highdicom refuses one): the peak point is not repeated here
+                # their own (highdicom refuses one): the peak point is not repeated here.
+                # The NUM is named by the finding (its value: the finding's probability in
+                # %): OHIF labels a TID 1410 region only from its NUM concept names, so a
+                # NUM named "Probability" would draw the box without saying what it shows.
                 measurements=[
                     hd.sr.Measurement(
-                        name=codes.DCM.Probability,
+                        name=code,
                         value=probability_percent(finding.probability),
                         unit=codes.UCUM.Percent,
                     )

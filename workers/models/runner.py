@@ -4,6 +4,11 @@
 the encoder (scaled-dot-product attention everywhere but the last layer, whose attention weights
 make the heatmaps), the adapters, and every map resampled onto the source pixels. On CUDA use
 `dtype="bfloat16"` (autocast); on CPU float32 is the default and bfloat16 works too.
+`dtype="auto"` (the default, `PACS_AGENT_WORKER_DTYPE`) resolves per device (`resolve_runtime`):
+bfloat16 autocast and TF32 on CUDA, float32 on a CPU. The encoder runs as
+`DinoViT.fused_for_inference()` (fused QKV, LayerScale folded: same function, faster), optionally
+through `torch.compile` (`PACS_AGENT_TORCH_COMPILE`); inputs go to a GPU from pinned memory with
+non-blocking copies.
 
 `run_prepared` takes images already decoded and letterboxed (by `workers.decode_pool`, in other
 processes) and yields results batch by batch, so decoding overlaps inference.
@@ -16,21 +21,80 @@ import logging
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from workers.imaging import Transform, letterbox, normalize
+from workers.localize import label_regions
 from workers.models.adapters import attention_maps, class_activation_maps
 from workers.models.bundle import Bundle
-from workers.models.vit import EncoderOutput
+from workers.models.vit import DinoViT, EncoderOutput
 from workers.results import Finding, ImageResult
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Embedding", "ModelRunner", "PreparedImage"]
+__all__ = [
+    "COMPILE_MODES",
+    "Embedding",
+    "ModelRunner",
+    "PreparedImage",
+    "RuntimeOptions",
+    "apply_runtime",
+    "compile_encoder",
+    "resolve_runtime",
+]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How the encoder runs on one device, resolved from the worker settings."""
+
+    device: str  # "cpu", "cuda", "cuda:1"
+    dtype: str  # "float32" | "bfloat16" | "float16": autocast unless float32
+    tf32: bool  # TF32 for float32 matmuls/convolutions (CUDA only)
+    compile: str  # "off" or a torch.compile mode
+    pin_memory: bool  # page-locked host batches + non_blocking copies (CUDA only)
+
+
+def resolve_runtime(
+    device: str = "auto", dtype: str = "auto", *, tf32: bool = True, compile: str = "off"
+) -> RuntimeOptions:
+    """Settings -> per-device options: on CUDA, dtype "auto" is bfloat16 autocast and TF32 is on
+    (unless `tf32` is False); on a CPU, "auto" is float32 and TF32 does not apply."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    kind = torch.device(device).type
+    if dtype == "auto":
+        dtype = "bfloat16" if kind == "cuda" else "float32"
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or 'auto', got {dtype!r}")
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
+    cuda = kind == "cuda"
+    return RuntimeOptions(device, dtype, tf32 and cuda, compile, cuda)
+
+
+def apply_runtime(options: RuntimeOptions) -> None:
+    """Process-wide switches the options need (TF32 is a global torch flag)."""
+    if torch.device(options.device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = options.tf32
+        torch.backends.cudnn.allow_tf32 = options.tf32
+
+
+def compile_encoder(encoder: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """`torch.compile(encoder, mode=...)` (inductor) unless mode is "off". With inductor's
+    `freezing` on: weights become constants, so it prepacks them and folds what it can."""
+    if mode == "off":
+        return encoder
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True
+    return torch.compile(encoder, mode=None if mode == "default" else mode)  # type: ignore[return-value]
 
 
 @dataclass
@@ -107,23 +171,30 @@ class ModelRunner:
         self,
         bundle: Bundle,
         device: str = "cpu",
-        dtype: str = "float32",
+        dtype: str = "auto",
         batch_size: int = 8,
         *,
         cam: bool = True,
         head_maps: bool = False,
+        tf32: bool = True,
+        compile: str = "off",
     ) -> None:
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        self.options = resolve_runtime(device, dtype, tf32=tf32, compile=compile)
+        apply_runtime(self.options)
         self.bundle = bundle
-        self.device = torch.device(device)
-        self.dtype = dtype
+        self.device = torch.device(self.options.device)
+        self.dtype = self.options.dtype
         self.batch_size = batch_size
         self.cam = cam
         self.head_maps = head_maps
-        self.encoder = bundle.encoder.to(self.device).eval()
+        encoder: Any = bundle.encoder
+        if isinstance(encoder, DinoViT):
+            # a fused copy: the bundle keeps the checkpoint-layout original
+            encoder = encoder.fused_for_inference()
+        # Any: a DinoViT, its torch.compile wrapper, or (tests) a module with the same outputs
+        self.encoder: Any = compile_encoder(encoder.to(self.device).eval(), self.options.compile)
         self.classifier = (
             bundle.classifier.to(self.device).eval() if bundle.classifier is not None else None
         )
@@ -133,6 +204,9 @@ class ModelRunner:
         self.qc_heads = {
             t: (q.head.to(self.device).eval(), q.labels) for t, q in bundle.qc_heads.items()
         }
+        # Report-generation adapter (workers.models.report_adapter): text per image, greedy.
+        report = getattr(bundle, "report", None)
+        self.reporter = report.to(self.device).eval() if report is not None else None
         # seconds spent per stage since construction (benchmarks read it)
         self.timings: dict[str, float] = {"preprocess": 0.0, "model": 0.0, "maps": 0.0}
 
@@ -157,13 +231,20 @@ class ModelRunner:
     def _pixel_values(self, batch: list[PreparedImage]) -> torch.Tensor:
         pre = self.bundle.preprocessing
         x = torch.stack([normalize(p.boxed, pre) for p in batch])
-        if self.device.type == "cuda":
+        return self._to_device(x)
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        """Host batch -> device: from pinned memory with a non-blocking copy on CUDA."""
+        if self.options.pin_memory and x.device.type == "cpu":
             return x.pin_memory().to(self.device, non_blocking=True)
-        return x
+        return x.to(self.device)
 
     def encode(self, pixel_values: torch.Tensor, output_attentions: bool = False) -> EncoderOutput:
         with torch.inference_mode(), self._autocast():
-            return self.encoder(pixel_values.to(self.device), output_attentions=output_attentions)
+            out: EncoderOutput = self.encoder(
+                self._to_device(pixel_values), output_attentions=output_attentions
+            )
+            return out
 
     # ----------------------------------------------------------------------------------------
 
@@ -229,11 +310,18 @@ class ModelRunner:
             }
             assert out.last_attention is not None
             heads_attn = attention_maps(out.last_attention, out.grid, out.n_prefix_tokens)
+        report_texts: list[str] | None = None
+        if self.reporter is not None:
+            try:  # the findings do not depend on the text: a failure leaves the text out
+                report_texts = self.reporter.generate(patches.float(), out.grid)
+            except Exception as exc:
+                log.warning("report adapter failed on %d image(s): %s", len(batch), type(exc))
 
         probs = torch.sigmoid(cls_logits.float()).cpu().numpy() if cls_logits is not None else None
         seg = seg_logits.float().cpu().numpy() if seg_logits is not None else None
         cam_np = cam.float().cpu().numpy() if cam is not None else None
         heads_np = heads_attn.float().cpu().numpy()
+        cls_np = cls_tok.float().cpu().numpy()  # the image's embedding (similar cases)
         attn_np = heads_np.mean(axis=1)
         qc_np = {t: v.cpu().numpy() for t, v in qc_probs.items()}
         self._sync()
@@ -263,6 +351,19 @@ class ModelRunner:
                 if cam_np is not None
                 else None
             )
+            # every label's region (workers.localize), for the SR and for grounding
+            regions = (
+                label_regions(
+                    cam_np[i],
+                    seg[i] if seg is not None else None,
+                    self.bundle.labels,
+                    self.bundle.seg_classes,
+                    transform,
+                    patch,
+                )
+                if cam_np is not None
+                else None
+            )
             findings = []
             if probs is not None:
                 for k, (label, threshold, prob) in enumerate(
@@ -275,9 +376,14 @@ class ModelRunner:
                             threshold=float(threshold),
                             source_sop_instance_uid=p.sop,
                             point=label_points[k] if label_points else point,
+                            region=regions[k] if regions else None,
                         )
                     )
-            extra: dict[str, object] = {"grid": [h, w], "input_size": pre.size}
+            extra: dict[str, object] = {"grid": [h, w], "input_size": pre.size, "cls": cls_np[i]}
+            if report_texts is not None:  # workers.report_draft.GENERATED_TEXT_KEY
+                extra["report_text"] = report_texts[i]
+            # phrase -> label (workers.models.bundle.Bundle.vocabulary), persisted for grounding
+            extra["vocabulary"] = self.bundle.vocabulary
             if cam_np is not None and self.cam:
                 maps = transform.to_source(cam_np[i], extent=extent)
                 extra["cam"] = {label: maps[k] for k, label in enumerate(self.bundle.labels)}

@@ -21,6 +21,7 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Resp
 from pacs_agent import __version__
 from pacs_agent.api.console import views
 from pacs_agent.api.deps import SESSION_COOKIE, Principal, current_principal, get_state
+from pacs_agent.api.routes.similar import similar_for_page
 from pacs_agent.receiving.refusals import DOORS
 
 router = APIRouter(include_in_schema=False)
@@ -63,6 +64,7 @@ NAV = [
     ("pipelines", "/pipelines", "Pipelines", "viewer"),
     ("queue", "/queue", "Queue", "viewer"),
     ("refusals", "/refusals", "Refusals", "viewer"),
+    ("fairness", "/fairness", "Fairness", "viewer"),
     ("users", "/users", "Users", "admin"),
     ("audit", "/audit", "Audit", "operator"),
 ]
@@ -232,6 +234,7 @@ def study_page(request: Request, who: Who, study_uid: str) -> Response:
             heartbeat_timeout_s=state.settings.job_heartbeat_timeout_s,
         )
         pipelines = views.choices(s)["pipelines"]
+        similar = similar_for_page(request, s, study_uid) if study is not None else None
     if study is None:
         return render(
             "error.html",
@@ -241,7 +244,7 @@ def study_page(request: Request, who: Who, study_uid: str) -> Response:
             title="Unknown study",
             message="No study with this Study Instance UID has been received.",
         )
-    return render("study.html", who, "studies", study=study, pipelines=pipelines)
+    return render("study.html", who, "studies", study=study, pipelines=pipelines, similar=similar)
 
 
 @router.get("/studies/{study_uid}/results/{sop_uid}")
@@ -381,6 +384,61 @@ def refusals_page(
     )
     return render(
         "refusals.html", who, "refusals", rows=rows, filters=filters, doors=DOORS, older=older
+    )
+
+
+@router.get("/fairness")
+def fairness_page(
+    request: Request,
+    who: Who,
+    pipeline: str = "",
+    finding: str = "",
+    dimension: str = "",
+    flagged: str = "",
+) -> Response:
+    """Positive prediction rates per subgroup with the drifted ones flagged (pacs_agent.fairness);
+    admins get the export links (``GET /api/fairness/export``)."""
+    from sqlalchemy import select
+
+    from pacs_agent.db.models import WorkerBeat
+    from pacs_agent.fairness import DIMENSIONS, Rule, evaluate
+
+    if (refused := _gate(request, who, "viewer")) is not None:
+        return refused
+    state = get_state(request)
+    pipeline = pipeline.replace("\x00", "")[:128]
+    finding = finding.replace("\x00", "")[:128]
+    dimension = dimension if dimension in DIMENSIONS else ""
+    only = flagged in ("1", "on", "true")
+    with state.db.session() as s:
+        report = evaluate(
+            s,
+            Rule.from_settings(state.settings),
+            pipeline=pipeline or None,
+            finding=finding or None,
+            dimension=dimension or None,
+            flagged_only=only,
+        )
+        demo = {
+            str(b.get("checksum"))
+            for beats in s.scalars(select(WorkerBeat.bundles))
+            for b in (beats or {}).values()
+            if isinstance(b, dict) and b.get("is_demo")
+        }
+    filters = {"pipeline": pipeline, "finding": finding, "dimension": dimension}
+    query = urllib.parse.urlencode(
+        {k: v for k, v in {**filters, "flagged": "true" if only else ""}.items() if v}
+    )
+    return render(
+        "fairness.html",
+        who,
+        "fairness",
+        report=report,
+        filters=filters,
+        flagged=only,
+        dimensions=DIMENSIONS,
+        demo=demo,
+        export_query=("&" + query) if query else "",
     )
 
 
