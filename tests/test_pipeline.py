@@ -158,6 +158,8 @@ def test_fetch_waits_for_a_restarting_agent() -> None:
             fetch_instance_bytes(settings, "absent")
         assert time.monotonic() - started < 10  # a 404 is final: no waiting out the deadline
     finally:
-        timer.join()
-        for srv in servers:
-            srv.shutdown()
+        timer.cancel()  # not started yet (an early failure): it never will
+        while timer.is_alive():  # serve_forever runs in the timer's thread: stop it, then join
+            for srv in servers:
+                srv.shutdown()
+            timer.join(timeout=0.2)
