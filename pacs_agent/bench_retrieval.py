@@ -1,11 +1,12 @@
 """``pacs-agent bench retrieval [--n N]``: the similar-case index at scale.
 
-Builds the agent's index (pacs_agent.retrieval: usearch HNSW, cosine, the product's
-parameters) over N 768-d vectors drawn like real embeddings: a mixture of Gaussians (1,000
-clusters by default), each cluster spread along a few directions of its own plus a little
-isotropic noise, then normalised (uniform random high-dimensional vectors have no meaningful
-neighbours). Queries are new vectors of the same mixture. Prints build time, memory, query
-p50/p95 (one query at a time, one thread) and recall@10 against an exact search (numpy).
+Builds the agent's index (pacs_agent.retrieval: FAISS, exact while small, then inverted lists
+with half-precision vectors; cosine; the product's parameters) over N 768-d vectors drawn like
+real embeddings: a mixture of Gaussians (1,000 clusters by default), each cluster spread along
+a few directions of its own plus a little isotropic noise, then normalised (uniform random
+high-dimensional vectors have no meaningful neighbours). Queries are new vectors of the same
+mixture. Prints build time, memory, query p50/p95 (one query at a time, one thread) and
+recall@10 against an exact search (numpy).
 
 ``--database-url``: the deployment's path instead: the vectors are written to the
 ``embeddings`` table of that (migrated) database as the workers write them, and the index is
@@ -147,10 +148,9 @@ def run(
     source = f"the embeddings table ({database_url.split(':', 1)[0]})" if database_url else "memory"
     say(
         f"retrieval bench: {n} vectors, {DIM}-d, mixture of {clusters} Gaussians; "
-        f"{queries} queries; usearch HNSW cos {retrieval.INDEX_DTYPE} "
-        f"M={retrieval.CONNECTIVITY} ef_add={retrieval.EXPANSION_ADD} "
-        f"ef_search={retrieval.EXPANSION_SEARCH}; index from "
-        f"{source}"
+        f"{queries} queries; FAISS, exact up to {retrieval.EXACT_MAX:,} vectors, then IVF "
+        f"fp16 with about {retrieval.LIST_SIZE} vectors a list, nprobe {retrieval.NPROBE}; "
+        f"index from {source}"
     )
     t0 = time.perf_counter()
     mix = Mixture(clusters=clusters, seed=seed)
@@ -197,18 +197,20 @@ def run(
     finally:
         if handle is not None:
             _clear_database(*handle)
-        for ef in sweep:  # the same graph searched wider or narrower (not the product's)
-            graph = index._bundles[BENCH_BUNDLE].index
-            graph.expansion_search = ef
+        bundle = index._bundles[BENCH_BUNDLE]
+        if not bundle.exact:
+            say(f"index: IVF, {bundle.nlist} lists, trained on {bundle.trained_on:,} vectors")
+        for nprobe in sweep:  # the same index searched wider or narrower (not the product's)
+            bundle.nprobe = nprobe
             s_lat, s_found = np.empty(queries), 0
             for i in range(queries):
                 t = time.perf_counter()
                 hits = index.search(BENCH_BUNDLE, q[i], 10)
                 s_lat[i] = time.perf_counter() - t
                 s_found += len({h.embedding_id - offset for h in hits} & set(truth[i].tolist()))
-            graph.expansion_search = retrieval.EXPANSION_SEARCH
+            bundle.nprobe = retrieval.NPROBE
             say(
-                f"sweep ef_search {ef}: recall@10 {s_found / (10 * queries):.3f}, "
+                f"sweep nprobe {nprobe}: recall@10 {s_found / (10 * queries):.3f}, "
                 f"p50 {np.percentile(s_lat, 50) * 1000:.2f} ms, "
                 f"p95 {np.percentile(s_lat, 95) * 1000:.2f} ms"
             )
@@ -240,8 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         nargs="*",
         default=[],
-        metavar="EF",
-        help="also query the built graph with these ef_search values (one line each)",
+        metavar="NPROBE",
+        help="also query the built index scanning this many lists (one line each)",
     )
     return p
 

@@ -3,12 +3,21 @@ encoder's CLS embedding.
 
 The database is the record: each worker writes one ``embeddings`` row per analysed image (unit
 float32 vector, the checksum of the bundle that made it) in the transaction of the job's
-results. The agent holds the index: one usearch HNSW index per bundle checksum (vectors of
+results. The agent holds the index: one FAISS index per bundle checksum (vectors of
 different bundles are never compared), filled from the table and caught up on every query with
 the rows it has not seen (ids above the last one seen, plus a window below it for
 transactions that committed late). Nothing lives only on one host: any agent, on SQLite or on
 PostgreSQL, rebuilds the same index from the table; a snapshot on disk (optional) only makes the
 rebuild faster and is thrown away when it does not match the database.
+
+Why FAISS inverted lists and not a graph (docs/benchmarks.md, Retrieval): a usearch HNSW graph
+(M=16) answered within 5 ms at 1M vectors but its recall@10 stopped near 0.9 however wide the
+search, and a denser graph builds in tens of minutes on two cores. A bundle is searched exactly
+(half-precision flat scan) up to ``EXACT_MAX`` vectors; beyond that it becomes an IVF index
+(k-means coarse lists, half-precision vectors, ``NPROBE`` lists per query) that is retrained
+from its own vectors each time the bundle has doubled, so the lists follow the data as it grows
+and drifts. Training, adding and retraining run in the catch-up thread; searches go on against
+the previous index until the new one is swapped in.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +48,14 @@ __all__ = [
     "SimilarityIndex",
     "decode_vector",
     "encode_vector",
-    "make_index",
 ]
 
-# HNSW parameters measured with `pacs-agent bench retrieval` (docs/benchmarks.md, Retrieval).
-CONNECTIVITY = 16
-EXPANSION_ADD = 64
-EXPANSION_SEARCH = 256
-INDEX_DTYPE = "f16"  # half the memory of f32 at the same recall on CLS-like data
+# Parameters measured with `pacs-agent bench retrieval` (docs/benchmarks.md, Retrieval).
+EXACT_MAX = 20_000  # a bundle this small is scanned exactly (under 2 ms at 768-d)
+LIST_SIZE = 500  # an IVF is (re)trained with about N / LIST_SIZE lists (a power of two)
+NPROBE = 16  # lists scanned per query
+TRAIN_PER_LIST = 40  # k-means sample: this many vectors per list (FAISS asks for 39 or more)
+REGROW = 2.0  # retrain when the bundle has this many times the vectors it was trained on
 # Rows with ids this far below the last one seen are looked at again on each catch-up: a
 # transaction that took its id earlier but committed later is not missed.
 LATE_COMMIT_WINDOW = 4096
@@ -72,35 +81,163 @@ def decode_vector(b: bytes, dim: int) -> np.ndarray:
     return a.astype(np.float32)
 
 
-def make_index(dim: int, dtype: str = INDEX_DTYPE) -> Any:
-    """An empty cosine HNSW index (usearch) with the measured parameters."""
-    from usearch.index import Index
-
-    return Index(
-        ndim=dim,
-        metric="cos",
-        dtype=dtype,
-        connectivity=CONNECTIVITY,
-        expansion_add=EXPANSION_ADD,
-        expansion_search=EXPANSION_SEARCH,
-    )
-
-
 @dataclass(frozen=True)
 class Hit:
     embedding_id: int
     distance: float  # cosine distance, 1 - cos(a, b): 0 identical, 2 opposite
 
 
-@dataclass
+def _faiss() -> Any:
+    import faiss
+
+    return faiss
+
+
+def _lists_for(n: int) -> int:
+    """Inverted lists for n vectors: the power of two nearest above n / LIST_SIZE, at least 64."""
+    return max(64, 1 << max(0, int(np.ceil(np.log2(max(1.0, n / LIST_SIZE))))))
+
+
 class _BundleIndex:
-    dim: int
-    index: Any
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    """The vectors of one bundle: an exact half-precision scan while small, then an IVF index
+    retrained as the bundle grows. ``add`` is called by one writer (the catch-up); ``search``
+    from any number of request threads."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self.lock = threading.Lock()
+        self.ids = np.empty(0, dtype=np.int64)  # insertion order; the exact scan's row -> id
+        self.known: set[int] = set()
+        self.trained_on = 0  # vectors the IVF was trained with; 0 while exact
+        self.nprobe = NPROBE
+        faiss = _faiss()
+        self.index: Any = faiss.IndexScalarQuantizer(
+            dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
+        )
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, key: int) -> bool:
+        return int(key) in self.known
+
+    @property
+    def exact(self) -> bool:
+        return self.trained_on == 0
+
+    @property
+    def nlist(self) -> int:
+        return 0 if self.exact else int(self.index.nlist)
+
+    def contains(self, keys: np.ndarray) -> np.ndarray:
+        return np.fromiter((int(k) in self.known for k in keys), dtype=bool, count=len(keys))
+
+    def memory_bytes(self) -> int:
+        """An estimate: half-precision codes and ids, plus the IVF's centroids."""
+        per = self.dim * 2 + (8 if not self.exact else 0)
+        centroids = 0 if self.exact else int(self.index.nlist) * self.dim * 4
+        return len(self.ids) * per + centroids + len(self.ids) * 8
+
+    def vectors(self) -> np.ndarray:
+        """Every vector held, in ``self.ids`` order (from the half-precision codes)."""
+        if self.exact:
+            return np.asarray(self.index.reconstruct_n(0, len(self.ids)), dtype=np.float32)
+        out = np.empty((len(self.ids), self.dim), dtype=np.float32)
+        for start in range(0, len(self.ids), 65536):
+            chunk = self.ids[start : start + 65536]
+            out[start : start + len(chunk)] = self.index.reconstruct_batch(chunk)
+        return out
+
+    def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
+        """Add new (key, unit vector) rows, retraining first when the bundle outgrows its lists."""
+        keys = np.asarray(keys, dtype=np.int64)
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        total = len(self.ids) + len(keys)
+        if total > EXACT_MAX and (self.exact or total >= REGROW * self.trained_on):
+            all_ids = np.concatenate([self.ids, keys])
+            fresh = _train_ivf(self.dim, np.concatenate([self.vectors(), vectors]), all_ids)
+            with self.lock:
+                self.index, self.ids, self.trained_on = fresh, all_ids, total
+        else:
+            with self.lock:
+                if self.exact:
+                    self.index.add(vectors)
+                else:
+                    self.index.add_with_ids(vectors, keys)
+                self.ids = np.concatenate([self.ids, keys])
+        self.known.update(int(k) for k in keys)
+
+    def search(self, q: np.ndarray, want: int, widen: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, cosine distances) of up to ``want`` nearest, nearest first; ``widen`` scans
+        that many times ``nprobe`` lists."""
+        faiss = _faiss()
+        with self.lock:
+            if self.exact:
+                sims, rows = self.index.search(q.reshape(1, -1), want)
+                rows = rows[0]
+                ids = np.where(rows >= 0, self.ids[np.clip(rows, 0, None)], -1)
+            else:
+                nprobe = min(self.index.nlist, self.nprobe * widen)
+                params = faiss.SearchParametersIVF(nprobe=nprobe)
+                sims, found = self.index.search(q.reshape(1, -1), want, params=params)
+                ids = found[0]
+        keep = ids >= 0
+        return ids[keep], 1.0 - sims[0][keep]
+
+    def save(self, path: Path) -> None:
+        faiss = _faiss()
+        with self.lock:
+            faiss.write_index(self.index, str(path.with_suffix(".faiss.tmp")))
+            np.save(path.with_suffix(".ids.tmp.npy"), self.ids)
+            trained_on = self.trained_on
+        path.with_suffix(".faiss.tmp").replace(path.with_suffix(".faiss"))
+        path.with_suffix(".ids.tmp.npy").replace(path.with_suffix(".ids.npy"))
+        path.with_suffix(".json").write_text(json.dumps({"trained_on": trained_on}))
+
+    @classmethod
+    def load(cls, path: Path, dim: int) -> _BundleIndex:
+        faiss = _faiss()
+        b = cls(dim)
+        index = faiss.read_index(str(path.with_suffix(".faiss")))
+        ids = np.load(path.with_suffix(".ids.npy"))
+        trained_on = int(json.loads(path.with_suffix(".json").read_text())["trained_on"])
+        if index.d != dim or index.ntotal != len(ids):
+            raise ValueError("snapshot files do not agree with each other")
+        if trained_on:  # read_index gives the concrete IVF class; its direct map is kept
+            index.set_direct_map_type(faiss.DirectMap.Hashtable)
+        b.index, b.ids, b.trained_on = index, ids.astype(np.int64), trained_on
+        b.known = {int(k) for k in ids}
+        return b
+
+
+def _train_ivf(dim: int, vectors: np.ndarray, ids: np.ndarray) -> Any:
+    """An IVF index (half-precision codes, inner product on unit vectors) trained on a sample
+    of ``vectors`` and holding all of them under ``ids``."""
+    faiss = _faiss()
+    nlist = _lists_for(len(vectors))
+    quantizer = faiss.IndexFlatIP(dim)
+    index = faiss.IndexIVFScalarQuantizer(
+        quantizer, dim, nlist, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
+    )
+    index.cp.seed = 1234
+    sample = min(len(vectors), nlist * TRAIN_PER_LIST)
+    rng = np.random.default_rng(len(vectors))
+    pick = np.sort(rng.choice(len(vectors), sample, replace=False))
+    t0 = time.perf_counter()
+    index.train(vectors[pick])
+    index.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct by id for retraining
+    index.add_with_ids(vectors, ids)
+    log.info(
+        "similarity index trained: %d vectors, %d lists, %.1f s",
+        len(vectors),
+        nlist,
+        time.perf_counter() - t0,
+    )
+    return index
 
 
 class SimilarityIndex:
-    """The agent's index over the ``embeddings`` table, one HNSW graph per bundle checksum.
+    """The agent's index over the ``embeddings`` table, one FAISS index per bundle checksum.
 
     ``refresh`` adds the rows not yet in it (the first call loads the whole table, or the
     snapshot plus the rows after it); ``search`` answers the nearest earlier images of a vector
@@ -119,7 +256,7 @@ class SimilarityIndex:
     # filling
 
     def __len__(self) -> int:
-        return sum(len(b.index) for b in self._bundles.values())
+        return sum(len(b) for b in self._bundles.values())
 
     @property
     def last_id(self) -> int:
@@ -131,7 +268,7 @@ class SimilarityIndex:
     def _bundle(self, checksum: str, dim: int) -> _BundleIndex:
         b = self._bundles.get(checksum)
         if b is None:
-            b = self._bundles[checksum] = _BundleIndex(dim, make_index(dim))
+            b = self._bundles[checksum] = _BundleIndex(dim)
         elif b.dim != dim:
             raise ValueError(f"bundle {checksum[:12]}: vectors of {dim} values, index has {b.dim}")
         return b
@@ -162,19 +299,16 @@ class SimilarityIndex:
         if len(keys) == 0:
             return 0
         b = self._bundle(checksum, int(vectors.shape[1]))
-        key_array = np.asarray(keys, dtype=np.uint64)
-        with b.lock:
-            if len(b.index):
-                fresh = np.flatnonzero(~np.asarray(b.index.contains(key_array), dtype=bool))
-            else:
-                fresh = np.arange(len(key_array))
-            if fresh.size:
-                b.index.add(key_array[fresh], vectors[fresh], threads=_threads())
+        key_array = np.asarray(keys, dtype=np.int64)
+        fresh = np.flatnonzero(~b.contains(key_array)) if len(b) else np.arange(len(key_array))
+        if fresh.size:
+            _faiss().omp_set_num_threads(_threads())
+            b.add(key_array[fresh], np.asarray(vectors, dtype=np.float32)[fresh])
         self._last_id = max(self._last_id, int(key_array.max()))
         return int(fresh.size)
 
     def memory_bytes(self) -> int:
-        return sum(int(b.index.memory_usage) for b in self._bundles.values())
+        return sum(b.memory_bytes() for b in self._bundles.values())
 
     def refresh(self) -> int:
         """Catch up with the table: returns the number of vectors added."""
@@ -195,7 +329,7 @@ class SimilarityIndex:
                             Embedding.id > low, Embedding.id <= self._last_id
                         )
                     )
-                    if c not in self._bundles or i not in self._bundles[c].index
+                    if c not in self._bundles or i not in self._bundles[c]
                 ]
                 if late:
                     added += self.add(_rows(s, Embedding.id.in_([i for i, _ in late])))
@@ -229,26 +363,25 @@ class SimilarityIndex:
         ``accept(embedding_id)`` lets through (all when None). Asks the graph for more
         candidates until k are accepted or the bundle has no more."""
         b = self._bundles.get(checksum)
-        if b is None or len(b.index) == 0 or k < 1:
+        if b is None or len(b) == 0 or k < 1:
             return []
         q = np.asarray(vector, dtype=np.float32).reshape(-1)
         if q.size != b.dim:
             raise ValueError(f"query has {q.size} values, bundle index has {b.dim}")
-        total = len(b.index)
+        total = len(b)
         want = min(total, max(4 * k, k + 16))
+        widen = 1
         while True:
-            with b.lock:
-                m = b.index.search(q, want, threads=1)
-            keys = np.asarray(m.keys).reshape(-1)
-            dists = np.asarray(m.distances).reshape(-1)
+            keys, dists = b.search(q, want, widen)
             hits = [
                 Hit(int(key), float(d))
                 for key, d in zip(keys, dists, strict=True)
                 if accept is None or accept(int(key))
             ]
-            if len(hits) >= k or want >= total:
+            if len(hits) >= k or (want >= total and (b.exact or widen * b.nprobe >= b.nlist)):
                 return hits[:k]
             want = min(total, want * 4)
+            widen *= 4  # more lists too: the accepted ones may lie outside the nearest lists
 
     # ----------------------------------------------------------------------------------------
     # snapshot
@@ -268,10 +401,7 @@ class SimilarityIndex:
                 "bundles": {c: b.dim for c, b in self._bundles.items()},
             }
             for c, b in self._bundles.items():
-                tmp = self.snapshot_dir / f"{c}.usearch.tmp"
-                with b.lock:
-                    b.index.save(str(tmp))
-                tmp.replace(self.snapshot_dir / f"{c}.usearch")
+                b.save(self.snapshot_dir / c)
             tmp_meta = self.snapshot_dir / "index.json.tmp"
             tmp_meta.write_text(json.dumps(meta))
             tmp_meta.replace(self.snapshot_dir / "index.json")
@@ -291,9 +421,7 @@ class SimilarityIndex:
                 return
             bundles: dict[str, _BundleIndex] = {}
             for c, dim in meta["bundles"].items():
-                index = make_index(int(dim))
-                index.load(str(self.snapshot_dir / f"{c}.usearch"))
-                bundles[c] = _BundleIndex(int(dim), index)
+                bundles[c] = _BundleIndex.load(self.snapshot_dir / c, int(dim))
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             log.warning("retrieval snapshot not used (%s): rebuilding from the database", exc)
             return

@@ -257,13 +257,59 @@ def test_index_catches_up_late_commits_and_rebuilds_from_snapshot(
         rebuilt = SimilarityIndex(db, tmp_path / "snap")
         assert rebuilt.refresh() == 7
         # a damaged snapshot file: rebuilt too
-        for f in (tmp_path / "snap").glob("*.usearch"):
+        for f in (tmp_path / "snap").glob("*.faiss"):
             f.write_bytes(b"garbage")
         with db.session() as s:
             s.get_one(Embedding, index.last_id).sop_instance_uid = last.sop_instance_uid
         assert SimilarityIndex(db, tmp_path / "snap").refresh() == 7
     finally:
         db.dispose()
+
+
+def test_large_bundle_moves_to_inverted_lists_retrains_and_survives_a_snapshot(
+    tmp_path: Path,
+) -> None:
+    """Past EXACT_MAX vectors a bundle becomes an IVF index, retrained when it has doubled; it
+    keeps finding each vector's own row, honours the accept filter and round-trips a snapshot."""
+    from pacs_agent import retrieval
+
+    rng = np.random.default_rng(7)
+    centres = _unit(rng, 50)
+    n_first = retrieval.EXACT_MAX + 1000
+
+    def draw(n: int) -> np.ndarray:
+        v = centres[rng.integers(0, len(centres), n)] + 0.3 * rng.standard_normal((n, DIM))
+        return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+
+    index = SimilarityIndex(None)
+    first = draw(n_first)
+    assert index.add_vectors(BUNDLE_A, np.arange(1, n_first + 1), first) == n_first
+    bundle = index._bundles[BUNDLE_A]
+    assert not bundle.exact and bundle.trained_on == n_first
+    lists = bundle.nlist
+    # ids already held are skipped; a doubling retrains with more lists
+    assert index.add_vectors(BUNDLE_A, np.arange(1, 11), first[:10]) == 0
+    second = draw(n_first)
+    ids2 = np.arange(n_first + 1, 2 * n_first + 1)
+    assert index.add_vectors(BUNDLE_A, ids2, second) == n_first
+    assert bundle.trained_on == 2 * n_first and bundle.nlist > lists
+    assert len(index) == 2 * n_first
+    for row in (0, 7, n_first - 1):
+        assert index.search(BUNDLE_A, first[row], 1)[0].embedding_id == row + 1
+    assert index.search(BUNDLE_A, second[3], 1)[0].embedding_id == n_first + 4
+    # a filter that lets only odd ids through still yields k answers, all odd
+    hits = index.search(BUNDLE_A, first[0], 10, accept=lambda i: i % 2 == 1)
+    assert len(hits) == 10 and all(h.embedding_id % 2 == 1 for h in hits)
+    assert [h.distance for h in hits] == sorted(h.distance for h in hits)
+
+    bundle.save(tmp_path / BUNDLE_A)
+    loaded = type(bundle).load(tmp_path / BUNDLE_A, DIM)
+    assert len(loaded) == len(bundle) and loaded.trained_on == bundle.trained_on
+    ids, _ = loaded.search(second[3], 1)
+    assert ids.tolist() == [n_first + 4]
+    # a loaded IVF can grow again (its vectors reconstruct by id)
+    loaded.add(np.array([10**9]), draw(1))
+    assert 10**9 in loaded and len(loaded) == 2 * n_first + 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,7 +325,7 @@ def test_bench_retrieval_small_run() -> None:
             "bench",
             "retrieval",
             "--n",
-            "20000",
+            "30000",
             "--queries",
             "200",
         ],
@@ -291,12 +337,13 @@ def test_bench_retrieval_small_run() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     last = out.stdout.strip().splitlines()[-1]
     m = re.fullmatch(
-        r"retrieval: 20000 vectors, recall@10 (\d\.\d{3}), p50 (\d+\.\d\d) ms, p95 (\d+\.\d\d) ms",
+        r"retrieval: 30000 vectors, recall@10 (\d\.\d{3}), p50 (\d+\.\d\d) ms, p95 (\d+\.\d\d) ms",
         last,
     )
     assert m, last
     assert float(m.group(1)) >= 0.95, out.stdout
     assert "build:" in out.stdout and "index memory" in out.stdout
+    assert "index: IVF" in out.stdout  # past the exact size: the inverted lists answered
 
 
 def test_bench_refuses_bad_arguments() -> None:
