@@ -56,6 +56,7 @@ LIST_SIZE = 500  # an IVF is (re)trained with about N / LIST_SIZE lists (a power
 NPROBE = 16  # lists scanned per query
 TRAIN_PER_LIST = 40  # k-means sample: this many vectors per list (FAISS asks for 39 or more)
 REGROW = 2.0  # retrain when the bundle has this many times the vectors it was trained on
+KMEANS_ITERATIONS = 10  # FAISS's default is 25; lists this coarse settle in fewer
 # Rows with ids this far below the last one seen are looked at again on each catch-up: a
 # transaction that took its id earlier but committed later is not missed.
 LATE_COMMIT_WINDOW = 4096
@@ -88,6 +89,7 @@ class Hit:
 
 
 def _faiss() -> Any:
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build it chose
     import faiss
 
     return faiss
@@ -138,11 +140,14 @@ class _BundleIndex:
         centroids = 0 if self.exact else int(self.index.nlist) * self.dim * 4
         return len(self.ids) * per + centroids + len(self.ids) * 8
 
-    def vectors(self) -> np.ndarray:
-        """Every vector held, in ``self.ids`` order (from the half-precision codes)."""
+    def vectors(self, extra: int = 0) -> np.ndarray:
+        """Every vector held, in ``self.ids`` order (from the half-precision codes), in an array
+        with ``extra`` more rows left for the caller to fill (one copy when retraining)."""
+        out = np.empty((len(self.ids) + extra, self.dim), dtype=np.float32)
         if self.exact:
-            return np.asarray(self.index.reconstruct_n(0, len(self.ids)), dtype=np.float32)
-        out = np.empty((len(self.ids), self.dim), dtype=np.float32)
+            if len(self.ids):
+                out[: len(self.ids)] = self.index.reconstruct_n(0, len(self.ids))
+            return out
         for start in range(0, len(self.ids), 65536):
             chunk = self.ids[start : start + 65536]
             out[start : start + len(chunk)] = self.index.reconstruct_batch(chunk)
@@ -155,7 +160,9 @@ class _BundleIndex:
         total = len(self.ids) + len(keys)
         if total > EXACT_MAX and (self.exact or total >= REGROW * self.trained_on):
             all_ids = np.concatenate([self.ids, keys])
-            fresh = _train_ivf(self.dim, np.concatenate([self.vectors(), vectors]), all_ids)
+            everything = self.vectors(extra=len(keys))
+            everything[len(self.ids) :] = vectors
+            fresh = _train_ivf(self.dim, everything, all_ids)
             with self.lock:
                 self.index, self.ids, self.trained_on = fresh, all_ids, total
         else:
@@ -220,6 +227,7 @@ def _train_ivf(dim: int, vectors: np.ndarray, ids: np.ndarray) -> Any:
         quantizer, dim, nlist, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
     )
     index.cp.seed = 1234
+    index.cp.niter = KMEANS_ITERATIONS
     sample = min(len(vectors), nlist * TRAIN_PER_LIST)
     rng = np.random.default_rng(len(vectors))
     pick = np.sort(rng.choice(len(vectors), sample, replace=False))
