@@ -154,8 +154,6 @@ def completed(first_received_at: dt.datetime | None, decision: str) -> None:
     """A study version was completed and routed (``decision``: process or skip)."""
     STUDIES_COMPLETED.labels(_bounded(decision, ("process", "skip"))).inc()
     if first_received_at is not None:
-        if first_received_at.tzinfo is None:  # SQLite gives naive datetimes (stored as UTC)
-            first_received_at = first_received_at.replace(tzinfo=dt.UTC)
         elapsed = (dt.datetime.now(dt.UTC) - first_received_at).total_seconds()
         COMPLETION_LATENCY.observe(max(elapsed, 0.0))
 

@@ -143,7 +143,7 @@ def _tokens(s: Session, user: User) -> list[ApiToken]:
 
 
 def _iso(t: dt.datetime | None) -> str | None:
-    return _aware(t).isoformat() if t is not None else None
+    return t.isoformat() if t is not None else None
 
 
 def token_view(tok: ApiToken) -> dict[str, Any]:
@@ -290,10 +290,6 @@ def revoke_token(s: Session, name: str, token_id: int, *, actor: str | None) -> 
 # login ------------------------------------------------------------------------------------------
 
 
-def _aware(t: dt.datetime) -> dt.datetime:
-    return t if t.tzinfo is not None else t.replace(tzinfo=dt.UTC)
-
-
 def _retry_after(s: Session, where: Any, attempts: int, window_s: int, now: dt.datetime) -> int:
     """0 when fewer than ``attempts`` failures match ``where`` in the window; else the seconds
     until enough of them have left the window for one more attempt."""
@@ -309,7 +305,7 @@ def _retry_after(s: Session, where: Any, attempts: int, window_s: int, now: dt.d
     if len(times) < attempts:
         return 0
     # The oldest of the newest ``attempts`` failures must leave the window.
-    return max(1, int((_aware(times[-1]) - since).total_seconds()) + 1)
+    return max(1, int((times[-1] - since).total_seconds()) + 1)
 
 
 def login(

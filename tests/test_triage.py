@@ -63,9 +63,6 @@ def test_aging_lifts_a_routine_job_one_class_per_period() -> None:
     # Half a period is not enough.
     ordered = claims.order([fresh_urgent, _c(1, "routine", 50)], now=T0, aging_s=100)
     assert [c.job_id for c in ordered] == [2, 1]
-    # SQLite hands back naive UTC datetimes: same answer.
-    naive = claims.Candidate(1, "routine", (T0 - dt.timedelta(seconds=150)).replace(tzinfo=None))
-    assert claims.order([fresh_urgent, naive], now=T0, aging_s=100)[0].job_id == 1
 
 
 def test_offpeak_window_wraps_past_midnight() -> None:

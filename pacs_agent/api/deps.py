@@ -69,10 +69,6 @@ def get_session(request: Request) -> Iterator[Session]:
         yield s
 
 
-def _aware(t: dt.datetime) -> dt.datetime:
-    return t if t.tzinfo is not None else t.replace(tzinfo=dt.UTC)
-
-
 def principal_from_token(state: AgentState, token: str) -> Principal | None:
     """The principal of a bearer token: the service token, or a user's unrevoked API token."""
     if not token or len(token) > MAX_CREDENTIAL:
@@ -89,7 +85,7 @@ def principal_from_token(state: AgentState, token: str) -> Principal | None:
         if row is None or not row.enabled:
             return None
         now = utcnow()
-        if row.last_used_at is None or now - _aware(row.last_used_at) > LAST_USED_RESOLUTION:
+        if row.last_used_at is None or now - row.last_used_at > LAST_USED_RESOLUTION:
             s.execute(update(ApiToken).where(ApiToken.id == row.id).values(last_used_at=now))
         return Principal(row.name, row.role, "token")
 
@@ -104,7 +100,7 @@ def principal_from_cookie(state: AgentState, cookie: str) -> Principal | None:
             .join(User, User.id == UserSession.user_id)
             .where(UserSession.session_sha256 == sha256_hex(cookie), User.enabled.is_(True))
         ).first()
-    if row is None or _aware(row.expires_at) <= utcnow():
+    if row is None or row.expires_at <= utcnow():
         return None
     return Principal(row.name, row.role, "session", csrf_token=row.csrf_token)
 

@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from pacs_agent.db.models import Job, utcnow
 from pacs_agent.db.session import Database
-from pacs_agent.scheduling.leases import aware, lost_filter, take_back
+from pacs_agent.scheduling.leases import lost_filter, take_back
 
 
 def requeue_stale_jobs(
@@ -32,7 +32,7 @@ def requeue_stale_jobs(
             stmt = stmt.with_for_update(skip_locked=True)
         stale = list(s.scalars(stmt))
         for job in stale:
-            beat = aware(job.heartbeat_at)
+            beat = job.heartbeat_at
             if beat is not None and beat < now - hb_timeout:
                 silent = (now - beat).total_seconds()
                 take_back(

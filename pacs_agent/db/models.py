@@ -20,7 +20,9 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -33,6 +35,31 @@ NAMING_CONVENTION = {
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """A timestamp that is always timezone-aware UTC in Python.
+
+    PostgreSQL keeps the zone (``timestamptz``); SQLite keeps none and gives naive values back.
+    Binding converts an aware value to UTC (SQLite would drop its offset otherwise) and takes a
+    naive one as UTC; reading attaches UTC to a naive value, so callers never compare naive and
+    aware datetimes. The column type in the database is unchanged (``DateTime(timezone=True)``).
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None or value.tzinfo is None:
+            return value
+        return value.astimezone(dt.UTC)
+
+    def process_result_value(
+        self, value: dt.datetime | None, dialect: Dialect
+    ) -> dt.datetime | None:
+        if value is None or value.tzinfo is not None:
+            return value
+        return value.replace(tzinfo=dt.UTC)
 
 
 class Base(DeclarativeBase):
@@ -82,11 +109,11 @@ class Study(Base):
     called_ae: Mapped[str | None] = mapped_column(String(16))
     sender_address: Mapped[str | None] = mapped_column(String(64))  # IP of the sending host
     orthanc_id: Mapped[str | None] = mapped_column(String(64))
-    first_received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    last_received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    completed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    first_received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    completed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
     # Set when the retention policy removed the study's instance files.
-    purged_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    purged_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
     # Priority class the study arrived with (pacs_agent.scheduling.priority): from Requested
     # Procedure Priority (0040,1003) STAT/HIGH or a stat calling AE; None when it says nothing.
     incoming_priority: Mapped[str | None] = mapped_column(String(16))
@@ -129,7 +156,7 @@ class Instance(Base):
     analysable: Mapped[bool] = mapped_column(Boolean, default=True)
     reason: Mapped[str | None] = mapped_column(Text)  # why not analysable
     study_version: Mapped[int] = mapped_column(Integer, default=1)
-    received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
     # Images in Acquisition (0020,1002) and Acquisition Number: an expected-count completion.
     acquisition_number: Mapped[int | None] = mapped_column(Integer)
     images_in_acquisition: Mapped[int | None] = mapped_column(Integer)
@@ -167,7 +194,7 @@ class Rule(Base):
     version: Mapped[int] = mapped_column(Integer, default=1)
     # The last run-time failure of this rule (e.g. a row written by hand); cleared on save.
     error: Mapped[str | None] = mapped_column(Text)
-    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_by: Mapped[str | None] = mapped_column(String(64))
 
 
@@ -183,7 +210,7 @@ class Destination(Base):
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     # "destination" (results) or "notify" (a triage notification channel).
     purpose: Mapped[str] = mapped_column(String(16), default="destination")
-    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class Pipeline(Base):
@@ -197,7 +224,7 @@ class Pipeline(Base):
     bundle: Mapped[str] = mapped_column(Text)
     description: Mapped[str | None] = mapped_column(Text)
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
-    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class WorkerBeat(Base):
@@ -211,8 +238,8 @@ class WorkerBeat(Base):
     # Bundle name, version, checksum and DEMO flag per pipeline as the worker loaded them.
     bundles: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     lane: Mapped[str] = mapped_column(String(16), default="all")  # all | urgent
-    started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    last_seen_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_seen_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class Job(Base):
@@ -235,14 +262,14 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text)
     triage: Mapped[str | None] = mapped_column(String(16))  # routine | urgent | critical
     bundle_checksum: Mapped[str | None] = mapped_column(String(64))
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    enqueued_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
-    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
-    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    enqueued_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
     # The lease of a running job: the worker holding it and its last heartbeat. A running job
     # whose heartbeat is older than the heartbeat timeout lost its worker and may be taken back.
     worker: Mapped[str | None] = mapped_column(String(128))
-    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), index=True)
     # Images of the job that got no output (not decodable, not analysable, no object could be
     # written); the job is still done with the others: "done with N images skipped".
     images_skipped: Mapped[int | None] = mapped_column(Integer)
@@ -265,7 +292,7 @@ class Result(Base):
     source_frame: Mapped[int | None] = mapped_column(Integer)
     path: Mapped[str] = mapped_column(Text)
     summary: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="results")
     deliveries: Mapped[list[Delivery]] = relationship(back_populates="result")
@@ -281,8 +308,8 @@ class Delivery(Base):
     status: Mapped[str] = mapped_column(String(16), default=DeliveryStatus.PENDING.value)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
-    next_attempt_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
-    delivered_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    next_attempt_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    delivered_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
 
     result: Mapped[Result] = relationship(back_populates="deliveries")
 
@@ -293,7 +320,7 @@ class Event(Base):
     __tablename__ = "events"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
     study_id: Mapped[int | None] = mapped_column(
         ForeignKey("studies.id", ondelete="CASCADE"), index=True
     )
@@ -327,9 +354,9 @@ class Notification(Base):
     status: Mapped[str] = mapped_column(String(16), default=NotificationStatus.PENDING.value)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
-    next_attempt_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    next_attempt_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
 
 
 class User(Base):
@@ -340,8 +367,8 @@ class User(Base):
     role: Mapped[str] = mapped_column(String(16))  # admin | operator | viewer
     password_hash: Mapped[str | None] = mapped_column(Text)  # Argon2id
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    last_login_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_login_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
 
 
 class ApiToken(Base):
@@ -353,9 +380,9 @@ class ApiToken(Base):
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
     token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
     prefix: Mapped[str] = mapped_column(String(12))  # shown to admins to tell tokens apart
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    last_used_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
-    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_used_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
 
 
 class UserSession(Base):
@@ -367,8 +394,8 @@ class UserSession(Base):
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
     session_sha256: Mapped[str] = mapped_column(String(64), unique=True)
     csrf_token: Mapped[str] = mapped_column(String(64))
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    expires_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
 
 
 class AuditEntry(Base):
@@ -378,7 +405,7 @@ class AuditEntry(Base):
     __tablename__ = "audit"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
     actor: Mapped[str | None] = mapped_column(String(64))  # user name, or None for the system
     action: Mapped[str] = mapped_column(String(32))  # e.g. rule.update, login.failure
     target_type: Mapped[str | None] = mapped_column(String(32))  # rule | destination | ...
@@ -395,7 +422,7 @@ class AgentFlag(Base):
 
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[Any] = mapped_column(JSON)
-    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_by: Mapped[str | None] = mapped_column(String(64))
 
 
@@ -418,10 +445,10 @@ class PullRequestRow(Base):
     status: Mapped[str] = mapped_column(String(16), default=PullStatus.PENDING.value, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
-    next_attempt_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
-    lease_until: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    next_attempt_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    lease_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
 
 
 class Refusal(Base):
@@ -431,7 +458,7 @@ class Refusal(Base):
     __tablename__ = "refusals"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
     door: Mapped[str] = mapped_column(String(16))  # dimse | stow | orthanc
     calling_ae: Mapped[str | None] = mapped_column(String(16))
     sender_address: Mapped[str | None] = mapped_column(String(64))
@@ -458,7 +485,7 @@ class Embedding(Base):
     is_demo: Mapped[bool] = mapped_column(Boolean, default=False)
     dim: Mapped[int] = mapped_column(Integer)
     vector: Mapped[bytes] = mapped_column(LargeBinary)  # dim little-endian float32, unit norm
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class FairnessObservation(Base):

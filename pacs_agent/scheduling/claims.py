@@ -79,10 +79,6 @@ def claimable(c: Candidate, *, lane: str, offpeak_is_open: bool) -> bool:
     return True
 
 
-def _aware(t: dt.datetime) -> dt.datetime:
-    return t if t.tzinfo is not None else t.replace(tzinfo=dt.UTC)  # SQLite: naive UTC
-
-
 def order(
     candidates: Iterable[Candidate],
     *,
@@ -92,13 +88,12 @@ def order(
     offpeak_is_open: bool = True,
 ) -> list[Candidate]:
     """The claimable candidates, most urgent first (ties: the one that waited longest)."""
-    now = _aware(now)
     keep = [c for c in candidates if claimable(c, lane=lane, offpeak_is_open=offpeak_is_open)]
     return sorted(
         keep,
         key=lambda c: (
-            effective_rank(c.priority_class, (now - _aware(c.queued_at)).total_seconds(), aging_s),
-            _aware(c.queued_at),
+            effective_rank(c.priority_class, (now - c.queued_at).total_seconds(), aging_s),
+            c.queued_at,
             c.job_id,
         ),
     )

@@ -190,10 +190,7 @@ class CompletionChecker:
                     ready.append((study.id, study.version, early))
                     continue
                 quiet = self.quiet_period_for(study.calling_ae, completion.quiet_period_s)
-                last = study.last_received_at
-                if last.tzinfo is None:  # SQLite returns naive datetimes (stored as UTC)
-                    last = last.replace(tzinfo=dt.UTC)
-                if last <= now - quiet:
+                if study.last_received_at <= now - quiet:
                     ready.append(
                         (study.id, study.version, f"quiet for {quiet.total_seconds():g} s")
                     )

@@ -37,11 +37,6 @@ class Token:
     attempt: int
 
 
-def aware(t: dt.datetime | None) -> dt.datetime | None:
-    """SQLite hands back naive datetimes (stored as UTC)."""
-    return t if t is None or t.tzinfo is not None else t.replace(tzinfo=dt.UTC)
-
-
 def lost_filter(
     now: dt.datetime, heartbeat_timeout: dt.timedelta, lease: dt.timedelta
 ) -> ColumnElement[bool]:
@@ -81,10 +76,10 @@ def worker_alive(s: Session, job: Job, timeout_s: float, now: dt.datetime | None
     ``workers`` was seen within the timeout."""
     now = now or utcnow()
     limit = now - dt.timedelta(seconds=timeout_s)
-    beat = aware(job.heartbeat_at)
+    beat = job.heartbeat_at
     if job.worker is None or beat is None or beat < limit:
         return False
-    seen = aware(s.scalar(select(WorkerBeat.last_seen_at).where(WorkerBeat.name == job.worker)))
+    seen = s.scalar(select(WorkerBeat.last_seen_at).where(WorkerBeat.name == job.worker))
     return seen is not None and seen >= limit
 
 
@@ -94,7 +89,7 @@ def lease_view(s: Session, job: Job, timeout_s: float) -> dict[str, Any]:
     running = job.status == JobStatus.RUNNING.value
     return {
         "worker": job.worker,
-        "heartbeat_at": aware(job.heartbeat_at),
+        "heartbeat_at": job.heartbeat_at,
         "worker_alive": worker_alive(s, job, timeout_s) if running else None,
     }
 

@@ -43,12 +43,6 @@ LIST_LIMIT = 200
 FALLBACK = "fallback"  # the fallback rule's name, as studies record it
 
 
-def aware(t: dt.datetime | None) -> dt.datetime | None:
-    if t is None:
-        return None
-    return t if t.tzinfo is not None else t.replace(tzinfo=dt.UTC)
-
-
 def duration(seconds: float | None) -> str:
     """A short human duration: ``4.2 s``, ``3 min 10 s``, ``2 h 5 min``."""
     if seconds is None:
@@ -62,7 +56,6 @@ def duration(seconds: float | None) -> str:
 
 def when(t: dt.datetime | None) -> str:
     """UTC timestamp as the console shows it (ISO, to the second)."""
-    t = aware(t)
     return t.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S") if t else ""
 
 
@@ -125,8 +118,8 @@ def study_row(s: Session, st: Study) -> dict[str, Any]:
     triage = max(
         (j.triage for j in jobs if j.triage), key=lambda t: TRIAGE_ORDER.get(t, 0), default=None
     )
-    finished = [aware(j.finished_at) for j in jobs if j.finished_at and j.status == "done"]
-    last_in = aware(st.last_received_at)
+    finished = [j.finished_at for j in jobs if j.finished_at and j.status == "done"]
+    last_in = st.last_received_at
     to_result = (
         (max(f for f in finished if f) - last_in).total_seconds() if finished and last_in else None
     )
@@ -195,7 +188,7 @@ def study_filters(s: Session) -> dict[str, list[str]]:
 
 
 def _tl(at: dt.datetime | None, kind: str, text: str, level: str = "info", **extra: Any) -> dict:
-    return {"t": aware(at), "at": when(at), "kind": kind, "text": text, "level": level, **extra}
+    return {"t": at, "at": when(at), "kind": kind, "text": text, "level": level, **extra}
 
 
 # Header attributes the study page shows (none identifies the patient).

@@ -58,7 +58,7 @@ def list_audit(
     return [
         AuditItem(
             id=a.id,
-            at=a.at if a.at.tzinfo is not None else a.at.replace(tzinfo=dt.UTC),
+            at=a.at,
             actor=a.actor,
             action=a.action,
             target_type=a.target_type,

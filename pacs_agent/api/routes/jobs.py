@@ -15,7 +15,7 @@ from pacs_agent.api.deps import AUTH_RESPONSES, DbSession, Operator, Viewer, get
 from pacs_agent.audit import record_audit
 from pacs_agent.db.models import Delivery, DeliveryStatus, Job, JobStatus, Result
 from pacs_agent.db.session import record_event
-from pacs_agent.scheduling.leases import aware, lease_view, take_back, worker_alive
+from pacs_agent.scheduling.leases import lease_view, take_back, worker_alive
 
 router = APIRouter(tags=["jobs"])
 
@@ -76,8 +76,8 @@ def get_job(job_id: JobId, request: Request, s: DbSession, _who: Viewer) -> JobO
         attempts=job.attempts,
         error=job.error,
         priority=job.priority_class,
-        started_at=aware(job.started_at),
-        finished_at=aware(job.finished_at),
+        started_at=job.started_at,
+        finished_at=job.finished_at,
         **lease_view(s, job, _timeout_s(request)),
     )
 
@@ -100,7 +100,7 @@ def retry_job(job_id: JobId, request: Request, s: DbSession, who: Operator) -> R
     before = {"status": job.status}
     if job.status == JobStatus.RUNNING.value:
         timeout = _timeout_s(request)
-        beat = aware(job.heartbeat_at)
+        beat = job.heartbeat_at
         last = beat.isoformat(timespec="seconds") if beat else "never"
         if worker_alive(s, job, timeout):
             raise HTTPException(

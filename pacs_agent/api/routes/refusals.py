@@ -57,7 +57,7 @@ def query_refusals(
     return [
         RefusalItem(
             id=r.id,
-            at=r.at if r.at.tzinfo is not None else r.at.replace(tzinfo=dt.UTC),
+            at=r.at,
             door=r.door,
             calling_ae=r.calling_ae,
             sender_address=r.sender_address,

@@ -158,10 +158,6 @@ class RerunOut(BaseModel):
 # summaries
 
 
-def _aware(t: dt.datetime | None) -> dt.datetime | None:
-    return t if t is None or t.tzinfo is not None else t.replace(tzinfo=dt.UTC)
-
-
 def findings_present(results: list[Result]) -> list[str]:
     """Labels found present in the SR results, most probable first."""
     best: dict[str, float] = {}
@@ -238,8 +234,8 @@ def _summary(
     triage = max(
         (j.triage for j in jobs if j.triage), key=lambda t: TRIAGE_RANK.get(t, -1), default=None
     )
-    done = [_aware(j.finished_at) for j in jobs if j.finished_at and j.status == "done"]
-    last_in = _aware(st.last_received_at)
+    done = [j.finished_at for j in jobs if j.finished_at and j.status == "done"]
+    last_in = st.last_received_at
     to_result = (
         round((max(t for t in done if t) - last_in).total_seconds(), 3)
         if done and last_in
@@ -279,7 +275,7 @@ def _summary(
                 "rule": j.rule_name,
                 "rule_version": j.rule_version,
                 "worker": j.worker,
-                "heartbeat_at": _aware(j.heartbeat_at),
+                "heartbeat_at": j.heartbeat_at,
                 "results": [
                     {
                         "kind": r.kind,
