@@ -54,6 +54,13 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
             return value
         return value.astimezone(dt.UTC)
 
+    def coerce_compared_value(self, op: Any, value: Any) -> Any:
+        """A datetime in an expression binds as this type (converted to UTC); anything else
+        (``at - timedelta``: an interval) as DateTime would bind it."""
+        if isinstance(value, dt.datetime):
+            return self
+        return self.impl_instance.coerce_compared_value(op, value)
+
     def process_result_value(
         self, value: dt.datetime | None, dialect: Dialect
     ) -> dt.datetime | None:
