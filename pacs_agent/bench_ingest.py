@@ -13,8 +13,9 @@ durable peer: SyncStorageArea on (it fsyncs each file), its SQLite index, no plu
 maximum PDU; it is left out, and says so, when it is not installed.
 
 Printed: MB/s and instances/s per receiver, workload and association count, the agent/storescp
-ratio, and the agent's peak resident memory (VmHWM) after each round, so that a long run
-(--gigabytes) shows whether memory stays flat.
+ratio, the agent's CPU time per instance in each round (user + system of its process: steadier
+than rates on a shared machine), and the agent's peak resident memory (VmHWM) after each round,
+so that a long run (--gigabytes) shows whether memory stays flat.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ class Measurement:
     instances: int
     bytes: int
     seconds: float
+    # The agent only: its process's CPU time over the round, per instance.
+    cpu_ms_per_instance: float | None = None
 
     @property
     def mb_per_s(self) -> float:
@@ -97,6 +100,18 @@ def memory_kb(pid: int, field: str) -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU of a process so far (/proc/<pid>/stat), None when unreadable.
+
+    On a shared machine wall-clock rates swing with everyone else's load; the CPU the agent
+    spends per instance is the steadier figure for comparing two versions of it."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def free_port() -> int:
@@ -497,11 +512,15 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, object]:
                         raise BenchError(f"Orthanc kept {got} of {n} {name} instances")
                     m_orthanc = Measurement("orthanc", name, assoc, n, size, secs)
 
+                cpu_before = cpu_seconds(agent.proc.pid)
                 secs = send(agent.dicom_port, AGENT_AET, files, assoc, args.max_pdu, logs)
+                cpu_after = cpu_seconds(agent.proc.pid)
                 got = agent.recorded(study)
                 if got != n:
                     raise BenchError(f"the agent recorded {got} of {n} {name} instances")
                 m_agent = Measurement("agent", name, assoc, n, size, secs)
+                if cpu_before is not None and cpu_after is not None:
+                    m_agent.cpu_ms_per_instance = (cpu_after - cpu_before) * 1000 / n
 
                 shutil.rmtree(work / f"src-{name}-{assoc}")
                 results += [m for m in (m_scp, m_orthanc, m_agent) if m is not None]
@@ -509,6 +528,11 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, object]:
                 if m_orthanc is not None:
                     print(m_orthanc.line())
                 print(m_agent.line())
+                if m_agent.cpu_ms_per_instance is not None:
+                    print(
+                        f"agent     {name:4s} x{assoc:<2d} CPU {m_agent.cpu_ms_per_instance:.1f} "
+                        "ms per instance (user + system, all its threads)"
+                    )
                 print(
                     f"ratio     {name:4s} x{assoc:<2d} agent/storescp "
                     f"{m_agent.mb_per_s / m_scp.mb_per_s:.2f}"

@@ -22,6 +22,11 @@ LINE = re.compile(
 )
 RATIO = re.compile(r"^ratio\s+(RG1|CT)\s+x(\d+)\s+agent/storescp (\d+\.\d+)$", re.MULTILINE)
 RATIO_ORTHANC = re.compile(r"^ratio\s+(RG1|CT)\s+x(\d+)\s+agent/orthanc (\d+\.\d+)$", re.MULTILINE)
+CPU = re.compile(
+    r"^agent\s+(RG1|CT)\s+x(\d+)\s+CPU (\d+\.\d) ms per instance "
+    r"\(user \+ system, all its threads\)$",
+    re.MULTILINE,
+)
 PEAK = re.compile(r"^agent peak RSS \(VmHWM\): ([\d.]+) MiB$", re.MULTILINE)
 
 
@@ -75,12 +80,18 @@ def test_bench_ingest_prints_throughput_ratio_and_peak_rss(tmp_path: Path) -> No
     else:
         assert "orthanc: not measured" in out and orthanc_ratios == []
 
+    cpu = CPU.findall(out)
+    assert {(w, int(a)) for w, a, _ in cpu} == {(w, a) for w in ("RG1", "CT") for a in (1, 4)}
+    assert all(float(v) > 0 for _, _, v in cpu), cpu  # the agent did work for every round
+
     [peak] = PEAK.findall(out)
     assert 20 < float(peak) < 4096, peak  # the agent process itself, in MiB
 
     figures = json.loads(out_json.read_text())
     assert len(figures["results"]) == 4 * len(targets)
     assert figures["agent_peak_rss_kb"] > 0
+    agent_rows = [r for r in figures["results"] if r["target"] == "agent"]
+    assert all(r["cpu_ms_per_instance"] > 0 for r in agent_rows), agent_rows
     # Nothing left running: the agent and storescp were stopped.
     assert _processes_mentioning(str(tmp_path / "work")) == []
 

@@ -435,3 +435,88 @@ def test_failed_group_commit_fails_each_c_store_and_keeps_serving(
     assert [s for r in results for s in r] == [0x0000] * 20, results
     assert len(listener.instances()) == 20
     _assert_still_serving(listener)
+
+
+# --- the receive path's shortcuts (issue 12): each keeps what it replaces ---------------------
+
+
+def test_folder_entries_are_fsynced_once_and_again_after_the_folder_is_removed(
+    tmp_path: Path,
+) -> None:
+    """The first instance of a series fsyncs the store root and study folder (the new folders'
+    entries) and the series folder; later ones only the series folder; once retention has
+    removed the study folder, the next instance fsyncs all three again."""
+    import shutil
+
+    from pacs_agent.receiving.store import InstanceStore, fsync_dir
+
+    store = InstanceStore(tmp_path / "store")
+    src = sample_path("CT_small.dcm")
+
+    def stage(sop: str) -> tuple[Path, ...]:
+        staged = store.stage_file("1.2.3", "1.2.3.4", sop, src)
+        for folder in staged.folders_to_sync:
+            fsync_dir(folder)
+        store.entries_synced(staged.entries, staged.generation)
+        return staged.folders_to_sync
+
+    study, series = store.root / "1.2.3", store.root / "1.2.3" / "1.2.3.4"
+    assert stage("1.1") == (store.root, study, series)
+    assert stage("1.2") == (series,)
+    shutil.rmtree(study)
+    assert stage("1.3") == (store.root, study, series)
+    assert stage("1.4") == (series,)
+    # A mark made for a file staged before another folder was created is dropped.
+    staged = store.stage_file("1.2.5", "1.2.5.6", "1.5", src)
+    store.stage_file("1.2.7", "1.2.7.8", "1.6", src)  # creates folders: generation moves on
+    store.entries_synced(staged.entries, staged.generation)
+    again = store.stage_file("1.2.5", "1.2.5.6", "1.7", src)
+    other = store.root / "1.2.5"
+    assert again.folders_to_sync == (store.root, other, other / "1.2.5.6")
+
+
+def test_a_bad_value_is_refused_after_the_same_element_was_good(tmp_path: Path) -> None:
+    """Values decoded once are not decoded again, but the memo is keyed by the bytes: a value
+    of the same element that cannot be decoded is still refused (0xC210, named by attribute)."""
+    from pacs_agent.dicom_facts import RejectedDataset
+    from pacs_agent.receiving.ingest import parse_part10_file
+
+    good = dcmread(sample_path("CT_small.dcm"))
+    parse_part10_file(sample_path("CT_small.dcm"))
+    parse_part10_file(sample_path("CT_small.dcm"))  # now every small value is memoised
+    # Rows (US) with three bytes: no unsigned short, whatever the mode.
+    bad_path = tmp_path / "bad.dcm"
+    good.save_as(bad_path)
+    raw = bad_path.read_bytes()
+    rows = b"\x28\x00\x10\x00US\x02\x00" + good.Rows.to_bytes(2, "little")
+    assert raw.count(rows) == 1
+    bad_path.write_bytes(raw.replace(rows, b"\x28\x00\x10\x00US\x03\x00abc"))
+    with pytest.raises(RejectedDataset) as exc:
+        parse_part10_file(bad_path)
+    assert exc.value.status == 0xC210
+    assert "Rows" in exc.value.reason and "cannot be decoded" in exc.value.reason
+
+
+def test_pdus_are_read_whole_and_a_short_read_returns_what_came() -> None:
+    """The listener's PDU read (one buffer per PDU) keeps pynetdicom's contract: all the bytes
+    asked for, in order, across many partial reads; fewer when the peer closes early."""
+    import socket
+    import threading
+
+    from pacs_agent.receiving.dimse import _recv_whole
+
+    class Holder:  # the one attribute _recv_whole uses of pynetdicom's AssociationSocket
+        def __init__(self, sock: socket.socket) -> None:
+            self.socket = sock
+
+    a, b = socket.socketpair()
+    payload = bytes(range(256)) * 4096  # 1 MiB, larger than one socket read
+    sender = threading.Thread(target=lambda: (b.sendall(payload + b"tail"), b.close()))
+    sender.start()
+    try:
+        got = _recv_whole(Holder(a), len(payload))  # type: ignore[arg-type]
+        assert bytes(got) == payload
+        assert bytes(_recv_whole(Holder(a), 100)) == b"tail"  # type: ignore[arg-type]
+    finally:
+        sender.join()
+        a.close()

@@ -12,6 +12,7 @@ import socket
 import ssl
 import tempfile
 import threading
+import types
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from pydicom.uid import (
 from pynetdicom import AE, _config, evt
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
 from pacs_agent.dicom_facts import (
     ANALYSABLE_SOP_CLASSES,
@@ -102,14 +103,41 @@ class ReleaseTracker:
             return self._studies.pop(id(assoc), set())
 
 
+def _recv_whole(assoc_sock: AssociationSocket, nr_bytes: int) -> bytearray:
+    """``AssociationSocket.recv`` reading straight into one buffer of the wanted size.
+
+    pynetdicom's own reads a PDU 4096 bytes at a time and appends each piece to a growing
+    bytearray: about 1,800 Python-level reads and copies per 7 MB instance, under the GIL. Same
+    contract: blocks until ``nr_bytes`` are read, returns what was read when the peer closes
+    early, lets socket errors (timeouts included) propagate."""
+    sock = assoc_sock.socket
+    if sock is None:
+        raise OSError("no socket")
+    buf = bytearray(nr_bytes)
+    nr_read = 0
+    with memoryview(buf) as view:
+        while nr_read < nr_bytes:
+            got = sock.recv_into(view[nr_read:], nr_bytes - nr_read)
+            if not got:
+                break
+            nr_read += got
+    if nr_read < nr_bytes:
+        del buf[nr_read:]
+    return buf
+
+
 def handle_conn_open(event: Event) -> None:
-    """Answers leave at once (no Nagle delay behind a C-STORE response)."""
-    sock = getattr(event.assoc.dul.socket, "socket", None)
+    """Answers leave at once (no Nagle delay behind a C-STORE response), and PDUs are read
+    in one buffer each (``_recv_whole``)."""
+    assoc_sock = event.assoc.dul.socket
+    sock = getattr(assoc_sock, "socket", None)
     if sock is not None:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
+    if isinstance(assoc_sock, AssociationSocket):
+        assoc_sock.recv = types.MethodType(_recv_whole, assoc_sock)  # type: ignore[method-assign]
 
 
 def tune_listener(server: ThreadedAssociationServer, buffer_bytes: int) -> None:
