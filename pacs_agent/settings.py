@@ -208,6 +208,10 @@ class Settings(BaseSettings):
     seg_type: Literal["binary", "fractional"] = "binary"
     parametric_map: bool = True  # float heatmap for viewers that can window it
     key_objects: bool = False  # a Key Object Selection naming images with positive findings
+    # The SR references up to this many similar prior images: the earlier images of other
+    # studies nearest by the bundle's image embedding, asked of the agent's similarity index
+    # (POST /api/similar/priors) before the SR is written; 0: off. TID 1500 SR only.
+    sr_similar_priors: int = Field(default=0, ge=0, le=100)
 
     # Remove the instance files of finished studies after this many days (0: keep them).
     retention_days: float = 0

@@ -2,6 +2,8 @@
 agent and a Celery worker as processes, PostgreSQL, storescu as the modality, dciodvfy as judge.
 
 One deployment serves the tests of this module in order: C-STORE path, webhook path, redelivery.
+Its bundle is the DEMO one plus an UNTRAINED report-generation adapter (random weights,
+tests/support/report_bundle.py), so the SR in Orthanc also carries the adapter's text.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from tests.conftest import AgentEnv, _create_pg_database, _drop_pg_database, sam
 from tests.dciodvfy import dciodvfy_errors
 from tests.support import free_port
 from tests.support.orthanc import OrthancServer, start_orthanc
+from tests.support.report_bundle import SENTENCES as REPORT_SENTENCES
+from tests.support.report_bundle import write_untrained_report_bundle
 
 pytestmark = pytest.mark.e2e
 
@@ -56,6 +60,7 @@ def stack(
     import redis
 
     tmp = tmp_path_factory.mktemp("e2e")
+    bundle = write_untrained_report_bundle(demo_bundle, tmp / "bundle")
     name, db_url = _create_pg_database(postgres_server)
     from pacs_agent.db.migrate import upgrade
 
@@ -67,7 +72,7 @@ def stack(
         tmp,
         db_url,
         broker_url,
-        demo_bundle,
+        bundle,
         destinations=f"dicom://ORTHANC@127.0.0.1:{orthanc_dicom}",
     )
     agent.env["PACS_AGENT_ORTHANC_URL"] = f"http://127.0.0.1:{orthanc_http}"
@@ -167,6 +172,27 @@ def _check_outputs(found: dict[str, list[Dataset]], source: Dataset, tmp: Path) 
     assert "DEMO" in str(sr.SeriesDescription) + str(sr.get("ContentLabel", ""))
 
 
+def _check_generated_text(sr: Dataset, source: Dataset) -> None:
+    """The report adapter's text for the image, in the SR's draft container (121362), marked
+    machine-generated and unverified, inferred from the image; the SR itself unverified."""
+    [draft] = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121362"]
+    [text] = [
+        i for i in draft.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "111412"
+    ]
+    assert text.ValueType == "TEXT"
+    assert text.TextValue.startswith("MACHINE-GENERATED, UNVERIFIED (report adapter, image 1")
+    said = text.TextValue.split(": ", 1)[1]
+    assert said.strip() and set(said.replace(",", " ").split()) <= {
+        w for line in REPORT_SENTENCES for w in line.replace(",", " ").split()
+    }  # the untrained adapter's own words
+    [image] = text.ContentSequence
+    assert image.RelationshipType == "INFERRED FROM"
+    assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    note = draft.ContentSequence[0].TextValue
+    assert "not verified" in note and "machine-generated text is unverified" in note
+    assert sr.VerificationFlag == "UNVERIFIED" and sr.PreliminaryFlag == "PRELIMINARY"
+
+
 def test_cstore_study_gets_sr_seg_sc_in_orthanc(stack: Stack, tmp_path: Path) -> None:
     src_path = sample_path("RG1_J2KR.dcm")
     source = dcmread(src_path)
@@ -176,6 +202,7 @@ def test_cstore_study_gets_sr_seg_sc_in_orthanc(stack: Stack, tmp_path: Path) ->
     assert study["status"] == "done", study
     found = _wait_outputs(stack.orthanc, source.StudyInstanceUID, 1)
     _check_outputs(found, source, tmp_path)
+    _check_generated_text(found[SR_CLASS][0], source)
     # The plugin must not send the agent's own results back to it as a new study.
     time.sleep(4)
     again = stack.agent.study(source.StudyInstanceUID)

@@ -391,6 +391,7 @@ def deployment(
     agent = AgentEnv(tmp, database_url, broker_url, demo_bundle, destinations=f"file://{out}")
     agent.env["PACS_AGENT_QUIET_PERIOD_S"] = "1"
     agent.env["PACS_AGENT_DATABASE_URL"] = database_url
+    agent.env["PACS_AGENT_SR_SIMILAR_PRIORS"] = "2"  # each SR references 2 similar priors
     try:
         agent.start_agent()
         agent.start_worker()
@@ -449,6 +450,58 @@ def test_stored_study_finds_the_earlier_copy_first(
         timeout=60,
     ).json()
     assert first["similar"] == []
+
+
+def test_sr_references_the_similar_prior_images(
+    deployment: AgentEnv, three_studies: dict[str, Any], tmp_path: Path
+) -> None:
+    """PACS_AGENT_SR_SIMILAR_PRIORS=2: before writing a study's SR the worker asked the agent's
+    index (POST /api/similar/priors); the SR delivered names the earlier images of other
+    studies, nearest first (tests/test_similar_priors.py has the structure in detail)."""
+    from tests.dciodvfy import dciodvfy_errors
+    from workers.dicom_out.sr import COSINE_DISTANCE, SIMILAR_PRIOR_IMAGE, SIMILAR_PRIORS
+
+    out = Path(deployment.env["PACS_AGENT_DESTINATIONS"].removeprefix("file://"))
+
+    def priors(name: str) -> tuple[Any, list[tuple[str, str, float]]]:
+        study = three_studies[name][0]
+        [sr] = [
+            ds
+            for ds in (dcmread(f) for f in (out / study).glob("*/*.dcm"))
+            if ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"
+        ]
+        found = []
+        for item in sr.ContentSequence:
+            if item.ConceptNameCodeSequence[0].CodeValue != SIMILAR_PRIORS.value:
+                continue
+            for group in item.ContentSequence[1:]:
+                by_code = {i.ConceptNameCodeSequence[0].CodeValue: i for i in group.ContentSequence}
+                image = by_code[SIMILAR_PRIOR_IMAGE.value].ReferencedSOPSequence[0]
+                distance = by_code[COSINE_DISTANCE.value].MeasuredValueSequence[0].NumericValue
+                found.append(
+                    (image.ReferencedSOPInstanceUID, by_code["110180"].UID, float(distance))
+                )
+        return sr, found
+
+    assert priors("a")[1] == []  # the first study has no earlier one
+    _, of_c = priors("c")
+    assert [(sop, study) for sop, study, _ in of_c] == [three_studies["a"][::-1]]
+    sr, of_b = priors("b")
+    assert [(sop, study) for sop, study, _ in of_b] == [
+        three_studies["a"][::-1],  # the same pixels first
+        three_studies["c"][::-1],
+    ]
+    assert of_b[0][2] < 1e-3 < of_b[1][2]
+    evidence = {
+        i.ReferencedSOPInstanceUID
+        for st in sr.PertinentOtherEvidenceSequence
+        for se in st.ReferencedSeriesSequence
+        for i in se.ReferencedSOPSequence
+    }
+    assert evidence == {three_studies["a"][1], three_studies["c"][1]}
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
 
 
 @pytest.mark.console

@@ -1236,6 +1236,17 @@ def _write_group(
         p.sources = sources
         triage = triage_level(results, policy)
         t_out = time.monotonic()
+        priors: list[Any] = []
+        if settings.sr_similar_priors:  # asked of the agent's index; best effort, never raises
+            from workers.similar_priors import fetch_similar_priors
+
+            priors = fetch_similar_priors(
+                agent_client(),
+                settings,
+                str(p.sources[0].StudyInstanceUID),
+                bundle.checksum,
+                results,
+            )
         made = build_output_set(
             p.sources,
             results,
@@ -1244,6 +1255,7 @@ def _write_group(
             OutputOptions.from_settings(settings),
             triage=triage,
             frames=p.frames,
+            similar_priors=priors,
         )
         images_skipped = _record_output_skips(ctx, claim, p, made)
         report_failed = [

@@ -64,7 +64,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -72,6 +72,9 @@ from pydicom.dataset import Dataset
 from pacs_agent.uids import derive_uid
 from workers.dicom_out import common
 from workers.results import AlgorithmInfo, Finding, ImageResult, OutputIdentity
+
+if TYPE_CHECKING:
+    from workers.dicom_out.sr import SimilarPrior
 
 logger = logging.getLogger(__name__)
 
@@ -228,13 +231,16 @@ def build_output_set(
     *,
     frames: Mapping[str, int] | None = None,
     created: dt.datetime | None = None,
+    similar_priors: Sequence[SimilarPrior] = (),
 ) -> OutputSet:
     """All output objects for one study, each image's built on its own (see the module notes).
 
     ``triage`` is the study's triage level (``workers.pipeline.triage_level``), written in the
     SR when given. ``frames`` maps the SOP Instance UID of each multi-frame source to the
     1-based frame its result was made from (required for those sources). ``created`` fixes the
-    objects' creation date-times (default: now).
+    objects' creation date-times (default: now). ``similar_priors`` (``workers.similar_priors``)
+    go into a TID 1500 SR, those of the images in the report; a Basic Text SR has no NUM item
+    for their distance and leaves them out.
     """
     from workers.dicom_out.ko import build_key_objects, positive_sources
     from workers.dicom_out.pm import build_parametric_map
@@ -369,6 +375,11 @@ def build_output_set(
                     frames=frame_of,
                     created=when,
                     draft=draft,
+                    similar_priors=[
+                        p
+                        for p in similar_priors
+                        if p.query_sop_instance_uid in {str(ds.SOPInstanceUID) for ds in analysed}
+                    ],
                 ),
             )
         else:

@@ -34,6 +34,24 @@ After the Imaging Measurements, a report-level Qualitative Evaluations container
 - a plain-language TEXT ``Summary`` (DCM 121111) of the findings and triage, for viewers that
   show an SR as text only.
 
+Similar prior images (setting ``PACS_AGENT_SR_SIMILAR_PRIORS``, given in ``similar_priors`` by
+``workers.similar_priors``, which asks the agent's similarity index): after the report draft, a
+report-level CONTAINER ``Similar prior images`` holding a TEXT ``Comment`` (what the list is and
+is not) and one CONTAINER ``Similar prior`` per earlier image of another study, nearest first:
+
+- IMAGE ``Similar prior image``: the prior's SOP Class and Instance UIDs;
+- UIDREF ``Study Instance UID`` (110180, DCM): the prior's study;
+- NUM ``Cosine distance`` in UCUM ``1`` (no units; 1 - cos of the two CLS embeddings, 0 is
+  identical), rounded to 1e-6;
+- IMAGE ``Source of Measurement`` (121112, DCM): the image of this study it resembles.
+
+DICOM has no concept for "similar prior image" nor for a cosine distance, so these concept
+names are private codes in ``99PACSAGENT`` (declared in the Coding Scheme Identification
+Sequence): see :data:`SIMILAR_PRIORS`. The priors are listed in the Pertinent Other Evidence
+Sequence (they belong to other studies), as PS3.3 C.17.2 asks of every instance the content
+references. Only CONTAINER, TEXT, UIDREF, NUM and IMAGE items with CONTAINS: valid in a
+Comprehensive 3D SR.
+
 Multi-frame sources (XA, RF, Enhanced XA/XRF): a finding refers to the analysed frame
 (``workers.imaging.analysed_frame``, passed in ``frames``): the group's Source of Measurement
 IMAGE item and the SCOORD's selected IMAGE item carry its Referenced Frame Number (PS3.3
@@ -51,6 +69,7 @@ import logging
 import math
 import numbers
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import highdicom as hd
@@ -58,6 +77,7 @@ import numpy as np
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
+from pydicom.uid import UID
 
 from pacs_agent.uids import derive_uid
 from workers.dicom_out import common
@@ -114,6 +134,131 @@ TRIAGE_CODES: dict[str, Code] = {
 # TID 1500 row 12: the report-level container of qualitative evaluations (not in pydicom's
 # dictionary; UMLS is a standard coding scheme of PS3.16 Table 8-1, no declaration needed).
 QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
+
+# Similar prior images: no standard concept names exist (PS3.16 has neither a similar-image
+# reference nor a cosine distance), hence private codes (values are SH: at most 16 characters).
+SIMILAR_PRIORS = Code("SIMILAR-PRIORS", common.PRIVATE_SCHEME, "Similar prior images")
+SIMILAR_PRIOR = Code("SIMILAR-PRIOR", common.PRIVATE_SCHEME, "Similar prior")
+SIMILAR_PRIOR_IMAGE = Code("SIMILAR-IMAGE", common.PRIVATE_SCHEME, "Similar prior image")
+COSINE_DISTANCE = Code("COSINE-DISTANCE", common.PRIVATE_SCHEME, "Cosine distance")
+SIMILAR_NOTE = "MACHINE-GENERATED, UNVERIFIED"
+
+
+@dataclass(frozen=True)
+class SimilarPrior:
+    """An earlier image of another study whose CLS embedding (same bundle) lies near one of this
+    study's images, as the agent's index answered (``POST /api/similar/priors``)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    distance: float  # cosine distance, 1 - cos: 0 identical, 2 opposite
+    query_sop_instance_uid: str  # the image of this study it resembles
+
+
+def check_prior(prior: SimilarPrior, study_uid: str, source_uids: set[str]) -> None:
+    """Raise ValueError unless ``prior`` can be written in the SR of ``study_uid`` whose images
+    are ``source_uids``: UIDs valid, another study, a distance in [0, 2], a known query image."""
+    for name in (
+        "sop_instance_uid",
+        "sop_class_uid",
+        "series_instance_uid",
+        "study_instance_uid",
+        "query_sop_instance_uid",
+    ):
+        value = getattr(prior, name)
+        if not isinstance(value, str) or not UID(value).is_valid:
+            raise ValueError(f"similar prior: {name} is not a UID")
+    if prior.study_instance_uid == study_uid:
+        raise ValueError(f"similar prior {prior.sop_instance_uid} belongs to this study")
+    d = prior.distance
+    if not isinstance(d, numbers.Real) or not (math.isfinite(float(d)) and 0 <= float(d) <= 2):
+        raise ValueError(f"similar prior {prior.sop_instance_uid}: distance {d!r} not in [0, 2]")
+    if prior.query_sop_instance_uid not in source_uids:
+        raise ValueError(
+            f"similar prior {prior.sop_instance_uid}: its query image "
+            f"{prior.query_sop_instance_uid} is not among the sources"
+        )
+
+
+def similar_priors_note(algorithm: AlgorithmInfo, count: int) -> str:
+    """The Comment of the Similar prior images container: what the list is, and is not."""
+    demo = (
+        f" {algorithm.disclaimer}: with random weights, similarity reflects image statistics "
+        "(size, exposure, collimation), not findings."
+        if algorithm.is_demo
+        else ""
+    )
+    return (
+        f"{SIMILAR_NOTE}: the {count} earlier image(s) of other studies nearest to this "
+        f"study's images by the image embedding of {algorithm.name} {algorithm.version} "
+        "(cosine distance, 0 is identical). A similar image is not the same diagnosis." + demo
+    )
+
+
+def similar_priors_content(
+    priors: Sequence[SimilarPrior],
+    sources: Sequence[Dataset],
+    algorithm: AlgorithmInfo,
+    frames: Mapping[str, int] | None = None,
+) -> hd.sr.ContainerContentItem:
+    """The Similar prior images container (see the module notes), nearest first."""
+    contains = hd.sr.RelationshipTypeValues.CONTAINS
+    by_uid = {str(s.SOPInstanceUID): s for s in sources}
+    container = hd.sr.ContainerContentItem(name=SIMILAR_PRIORS, relationship_type=contains)
+    items: list[hd.sr.ContentItem] = [
+        hd.sr.TextContentItem(
+            name=codes.DCM.Comment,
+            value=similar_priors_note(algorithm, len(priors)),
+            relationship_type=contains,
+        )
+    ]
+    for prior in sorted(priors, key=lambda p: (p.distance, p.sop_instance_uid)):
+        query = by_uid[prior.query_sop_instance_uid]
+        frame = (frames or {}).get(prior.query_sop_instance_uid)
+        group = hd.sr.ContainerContentItem(name=SIMILAR_PRIOR, relationship_type=contains)
+        group.ContentSequence = hd.sr.ContentSequence(
+            [
+                hd.sr.ImageContentItem(
+                    name=SIMILAR_PRIOR_IMAGE,
+                    referenced_sop_class_uid=prior.sop_class_uid,
+                    referenced_sop_instance_uid=prior.sop_instance_uid,
+                    relationship_type=contains,
+                ),
+                hd.sr.UIDRefContentItem(
+                    name=codes.DCM.StudyInstanceUID,
+                    value=prior.study_instance_uid,
+                    relationship_type=contains,
+                ),
+                hd.sr.NumContentItem(
+                    name=COSINE_DISTANCE,
+                    value=round(float(prior.distance), 6),
+                    unit=codes.UCUM.NoUnits,
+                    relationship_type=contains,
+                ),
+                hd.sr.ImageContentItem(
+                    name=codes.DCM.SourceOfMeasurement,
+                    referenced_sop_class_uid=query.SOPClassUID,
+                    referenced_sop_instance_uid=query.SOPInstanceUID,
+                    referenced_frame_numbers=common.check_frame(query, frame),
+                    relationship_type=contains,
+                ),
+            ]
+        )
+        items.append(group)
+    container.ContentSequence = hd.sr.ContentSequence(items)
+    return container
+
+
+def prior_evidence(prior: SimilarPrior) -> Dataset:
+    """The identity of a prior image, as the SR's evidence lists it (Pertinent Other Evidence)."""
+    ds = Dataset()
+    ds.StudyInstanceUID = prior.study_instance_uid
+    ds.SeriesInstanceUID = prior.series_instance_uid
+    ds.SOPClassUID = prior.sop_class_uid
+    ds.SOPInstanceUID = prior.sop_instance_uid
+    return ds
 
 
 def finding_code(label: str) -> Code:
@@ -242,11 +387,14 @@ def build_sr(
     frames: Mapping[str, int] | None = None,
     created: dt.datetime | None = None,
     draft: ReportDraft | None = None,
+    similar_priors: Sequence[SimilarPrior] = (),
 ) -> Dataset:
     """Build a Comprehensive 3D SR (TID 1500) with one measurement group per finding.
 
     Report draft: ``draft`` (``workers.report_draft``), else one built from the findings and
     triage, goes after the Qualitative Evaluations as a "Preliminary report" container.
+    ``similar_priors`` (earlier images of other studies, ``workers.similar_priors``), when
+    given, follow as a "Similar prior images" container; each must pass :func:`check_prior`.
 
     ``sources`` are the images the findings refer to (one study); every
     ``finding.source_sop_instance_uid`` must be one of them. ``finding.point`` is read as the
@@ -260,6 +408,11 @@ def build_sr(
     common.check_algorithm(algorithm)
     headers = check_inputs(sources, findings, triage, frames)
     by_uid = {str(header.SOPInstanceUID): header for header in headers}
+    study_uid = str(headers[0].StudyInstanceUID)
+    for prior in similar_priors:
+        check_prior(prior, study_uid, set(by_uid))
+    if len({p.sop_instance_uid for p in similar_priors}) != len(similar_priors):
+        raise ValueError("similar priors name the same image twice")
 
     when = created or dt.datetime.now()
     labelled_name = f"{algorithm.name} [{algorithm.disclaimer}]"
@@ -384,9 +537,15 @@ def build_sr(
 
     draft = draft or build_draft(headers, findings, algorithm, triage)
     report[0].ContentSequence.append(draft_content(draft, headers, frames))
+    if similar_priors:
+        report[0].ContentSequence.append(
+            similar_priors_content(similar_priors, headers, algorithm, frames)
+        )
+        uses_private = True
 
     sr = hd.sr.Comprehensive3DSR(
-        evidence=headers,
+        # the study's own images first (highdicom copies patient and study from the first)
+        evidence=[*headers, *(prior_evidence(p) for p in similar_priors)],
         content=report[0],
         **common.identity_kwargs(identity, algorithm, when),
         is_complete=True,
@@ -396,10 +555,11 @@ def build_sr(
     )
     common.stamp_datetimes(sr, when)
     logger.info(
-        "built SR %s (%d findings, triage %s) for %d source(s)",
+        "built SR %s (%d findings, triage %s, %d similar priors) for %d source(s)",
         identity.sop_instance_uid,
         len(findings),
         triage,
+        len(similar_priors),
         len(headers),
     )
     return sr
