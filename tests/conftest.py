@@ -114,14 +114,27 @@ def postgres_server() -> str:
     return PG_ADMIN_URL
 
 
-def _create_pg_database(admin_url: str) -> tuple[str, str]:
+def _create_pg_database(admin_url: str, template: str | None = None) -> tuple[str, str]:
     from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import OperationalError
 
     name = f"pacs_agent_test_{uuid.uuid4().hex[:12]}"
+    copy = f' TEMPLATE "{template}"' if template else ""
     eng = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with eng.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
-    eng.dispose()
+    end = time.monotonic() + 10
+    try:
+        while True:
+            try:
+                with eng.connect() as c:
+                    c.execute(text(f'CREATE DATABASE "{name}"{copy}'))
+                break
+            except OperationalError as exc:
+                # A template's last connection can take a moment to go after it was closed.
+                if "being accessed by other users" not in str(exc) or time.monotonic() > end:
+                    raise
+                time.sleep(0.1)
+    finally:
+        eng.dispose()
     return name, admin_url.rsplit("/", 1)[0] + f"/{name}"
 
 
@@ -134,20 +147,52 @@ def _drop_pg_database(admin_url: str, name: str) -> None:
     eng.dispose()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh, migrated database: the same tests run on SQLite and on PostgreSQL."""
+@pytest.fixture(scope="session")
+def _migrated_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite database migrated to head once per session; each test gets a copy."""
     from pacs_agent.db.migrate import upgrade
 
+    path = tmp_path_factory.mktemp("sqlite-template") / "template.db"
+    upgrade(f"sqlite:///{path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def _pg_template(postgres_server: str) -> Iterator[str]:
+    """A PostgreSQL database migrated to head once per session (nobody connects to it after):
+    each test's database is created from it (CREATE DATABASE ... TEMPLATE), which is what
+    running the migrations again would give, in a fraction of the time."""
+    from pacs_agent.db.migrate import upgrade
+
+    name, url = _create_pg_database(postgres_server)
+    try:
+        upgrade(url)  # (the migrations' engine has no pool: no connection is left open)
+        yield name
+    finally:
+        _drop_pg_database(postgres_server, name)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, migrated database: the same tests run on SQLite and on PostgreSQL. Each is a
+    copy of a database migrated once per session (the migrations take about a second a
+    database; the copy a few milliseconds on SQLite, a few hundred on PostgreSQL)."""
     if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'test.db'}"
-        upgrade(url)
-        yield url
+        import sqlite3
+
+        path = tmp_path / "test.db"
+        src = sqlite3.connect(request.getfixturevalue("_migrated_sqlite"))
+        dst = sqlite3.connect(path)
+        try:
+            src.backup(dst)
+        finally:
+            dst.close()
+            src.close()
+        yield f"sqlite:///{path}"
         return
     admin = request.getfixturevalue("postgres_server")
-    name, url = _create_pg_database(admin)
+    name, url = _create_pg_database(admin, template=request.getfixturevalue("_pg_template"))
     try:
-        upgrade(url)
         yield url
     finally:
         _drop_pg_database(admin, name)
@@ -175,7 +220,11 @@ def sample_path(name: str) -> Path:
 
 
 class Proc:
-    """A product process (agent or worker) with its log, stopped at the end of the test."""
+    """A product process (agent or worker) with its log, stopped at the end of the test.
+
+    It runs in a process group of its own so that stopping it also ends what it started: a
+    worker's decode pool processes (spawned, with their resource tracker they outlive a
+    SIGKILLed worker, about 300 MiB each, for the rest of the session), as `bench chaos` does."""
 
     def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
         self.log_path = log_path
@@ -186,24 +235,47 @@ class Proc:
             cwd=REPO,
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
+        self._terminated = False
 
     def log_tail(self, n: int = 60) -> str:
         lines = self.log_path.read_text(errors="replace").splitlines()
         return "\n".join(lines[-n:])
 
+    def signal_stop(self) -> None:
+        """Ask the process to stop (SIGTERM, once) without waiting; `stop` waits."""
+        if self.popen.poll() is None and not self._terminated:
+            self.popen.terminate()
+            self._terminated = True
+
     def stop(self, sig: str = "term") -> None:
+        """Stop the process (SIGTERM, or SIGKILL with ``sig="kill"``), then SIGKILL whatever is
+        left in its process group. Safe to call again."""
         if self.popen.poll() is None:
             if sig == "kill":
                 self.popen.kill()
             else:
-                self.popen.terminate()
+                self.signal_stop()
             try:
                 self.popen.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait(timeout=10)
+        if not self._log.closed:  # once: the group id is free for reuse afterwards
+            kill_group(self.popen.pid)
         self._log.close()
+
+
+def kill_group(pgid: int) -> None:
+    """SIGKILL every process left in process group ``pgid`` (a stopped product process's
+    children, e.g. decode pool processes orphaned by a kill -9 of their worker)."""
+    import signal
+
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 class AgentEnv:
@@ -279,6 +351,10 @@ class AgentEnv:
         pytest.fail(f"study {study_uid} not in {states} after {timeout} s: {last}\n{logs}")
 
     def stop(self) -> None:
+        # SIGTERM to all first, then wait for each: they shut down at the same time (a worker's
+        # warm shutdown and the agent's take seconds each).
+        for p in reversed(self.procs):
+            p.signal_stop()
         for p in reversed(self.procs):
             p.stop()
 

@@ -3,7 +3,8 @@
 The small run starts the real parts (Debian's Orthanc, redis-server, a fresh PostgreSQL
 database, `pacs-agent serve`, two `pacs-agent worker` processes), sends 20 synthetic studies with
 dcmtk's storescu and kills each part at least once. Nothing is mocked. It is sized to take at most
-about 4 minutes on a 2-core machine when nothing is stuck; --wait bounds a failing run.
+about 2 minutes on a 2-core machine when nothing is stuck (a short job heartbeat timeout, so that
+a killed worker's job comes back within seconds); --wait bounds a failing run.
 
 The counting itself is checked on hand-made inputs first, so that a zero from the run means
 something: each kind of loss, duplicate and stuck study is found.
@@ -131,6 +132,10 @@ def test_chaos_run_loses_nothing(postgres_server: str, tmp_path: Path) -> None:
             "15",
             "--wait",
             "90",
+            # A killed worker's job comes back after the heartbeat timeout: the product's 60 s
+            # would be most of the run's wall time; 15 s (heartbeats every 3.75 s) shows the same.
+            "--heartbeat-timeout",
+            "15",
             "--postgres-admin-url",
             postgres_server,
         ],

@@ -42,8 +42,9 @@ from pacs_agent.db.models import Event, FairnessObservation, Job, Study
 from pacs_agent.db.session import Database
 from pacs_agent.receiving.store import InstanceStore
 from pacs_agent.settings import Settings
-from tests.conftest import AgentEnv, sample_path, storescu
+from tests.conftest import AgentEnv, storescu
 from tests.support.auth import bearer, make_user
+from tests.support.images import reduced_radiograph
 from workers.results import Finding, ImageResult
 
 TODAY = dt.date(2026, 12, 1)
@@ -413,12 +414,11 @@ def live(
 
 def test_a_study_through_a_real_worker_creates_counts(live: tuple[AgentEnv, str, str]) -> None:
     agent, _url, admin = live
-    ds = dcmread(sample_path("RG1_J2KR.dcm"))
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = (generate_uid() for _ in "abc")
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    # NEMA RG1 reduced 4 times (JPEG 2000 lossless): the counts do not depend on the size.
+    path = reduced_radiograph(agent.tmp / "fair.dcm", generate_uid(), name="RG1_UNCR.dcm")
+    ds = dcmread(path)
     ds.PatientSex, ds.PatientAge = "F", "052Y"
     ds.Manufacturer, ds.ViewPosition = "Agfa-Gevaert", "PA"
-    path = agent.tmp / "fair.dcm"
     ds.save_as(path, enforce_file_format=True)
     result = storescu(agent.dicom_port, path, aet="FAIR_CR")
     assert result.returncode == 0, result.stdout + result.stderr

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from pydicom import dcmread
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
@@ -36,10 +35,11 @@ from tests.conftest import (
     AgentEnv,
     _create_pg_database,
     _drop_pg_database,
-    sample_path,
+    kill_group,
     storescu,
 )
 from tests.support import free_port
+from tests.support.images import reduced_radiograph
 from tests.support.orthanc import OrthancServer, start_orthanc
 
 pytestmark = pytest.mark.e2e
@@ -61,29 +61,37 @@ class WorkerProc:
             cwd=workdir,
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # stop() ends its decode pool processes with it
         )
+        self._terminated = False
 
     def log_tail(self, n: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
 
+    def signal_stop(self) -> None:
+        """SIGTERM (once) without waiting; `stop` waits."""
+        if self.popen.poll() is None and not self._terminated:
+            self.popen.terminate()
+            self._terminated = True
+
     def stop(self) -> None:
         if self.popen.poll() is None:
-            self.popen.terminate()
+            self.signal_stop()
             try:
                 self.popen.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait(timeout=10)
+        if not self._log.closed:
+            kill_group(self.popen.pid)
         self._log.close()
 
 
 @pytest.fixture
-def pg_url(postgres_server: str) -> Iterator[str]:
-    from pacs_agent.db.migrate import upgrade
-
-    name, url = _create_pg_database(postgres_server)
+def pg_url(postgres_server: str, _pg_template: str) -> Iterator[str]:
+    """A fresh PostgreSQL database, a copy of the session's migrated template."""
+    name, url = _create_pg_database(postgres_server, template=_pg_template)
     try:
-        upgrade(url)
         yield url
     finally:
         _drop_pg_database(postgres_server, name)
@@ -103,15 +111,11 @@ def pacs(tmp_path: Path) -> Iterator[OrthancServer]:
     server.stop()
 
 
-def _new_instance(tmp: Path, study_uid: str, name: str = "RG3_J2KR.dcm") -> Path:
-    ds = dcmread(sample_path(name))
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = generate_uid()
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    path = tmp / f"{ds.SOPInstanceUID}.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    return path
+def _new_instance(tmp: Path, study_uid: str) -> Path:
+    """A new instance of ``study_uid``: NEMA RG3 reduced to 440 x 440, JPEG 2000 lossless (what
+    is shown here is who fetches and delivers what, not the size of the image)."""
+    sop = str(generate_uid())
+    return reduced_radiograph(tmp / f"{sop}.dcm", study_uid, sop_uid=sop)
 
 
 def _aware(t: dt.datetime) -> dt.datetime:
@@ -243,6 +247,11 @@ def test_two_agents_two_workers_share_a_backlog(
         for text in answers:
             assert PACS_PW not in text, f"credential leaked in: {text[:300]}"
     finally:
+        for w in workers:  # all shut down at once; then wait for each
+            w.signal_stop()
+        for a in agents:
+            for p in a.procs:
+                p.signal_stop()
         for w in workers:
             w.stop()
         for a in agents:
