@@ -203,8 +203,9 @@ def test_cstore_study_gets_sr_seg_sc_in_orthanc(stack: Stack, tmp_path: Path) ->
     found = _wait_outputs(stack.orthanc, source.StudyInstanceUID, 1)
     _check_outputs(found, source, tmp_path)
     _check_generated_text(found[SR_CLASS][0], source)
-    # The plugin must not send the agent's own results back to it as a new study.
-    time.sleep(4)
+    # The plugin must not send the agent's own results back to it as a new study: wait for its
+    # decision on the study made stable by the results, then check the agent saw nothing new.
+    stack.orthanc.wait_for_log(f"(StudyInstanceUID {source.StudyInstanceUID}) skipped", 60)
     again = stack.agent.study(source.StudyInstanceUID)
     assert again is not None and again["version"] == 1 and len(again["jobs"]) == 1
 
@@ -219,8 +220,8 @@ def test_webhook_path_pulls_from_orthanc(stack: Stack, tmp_path: Path) -> None:
     found = _wait_outputs(stack.orthanc, source.StudyInstanceUID, 1)
     _check_outputs(found, source, tmp_path)
     # Results arriving in Orthanc make the study stable again: the agent must recognise its
-    # own objects and not start another version.
-    time.sleep(6)
+    # own objects and not start another version (the plugin says so once they are stable).
+    stack.orthanc.wait_for_log(f"(StudyInstanceUID {source.StudyInstanceUID}) skipped", 60)
     again = stack.agent.study(source.StudyInstanceUID)
     assert again is not None and again["version"] == 1 and len(again["jobs"]) == 1
 
