@@ -109,7 +109,12 @@ def _verified_key(item: RawDataElement, encoding: object, mode: int) -> tuple[ob
     without an explicit VR (or with UN) looks further, at its private creator element.
     Sequences are never cached (their items are checked one by one)."""
     value = item.value
-    if len(value) > _VERIFIED_VALUE_MAX or item.tag.is_private and item.VR in (None, "UN"):
+    if (
+        value is None
+        or len(value) > _VERIFIED_VALUE_MAX
+        or item.tag.is_private
+        and item.VR in (None, "UN")
+    ):
         return None
     enc = tuple(encoding) if isinstance(encoding, list) else encoding
     return (item.tag, item.VR, item.is_implicit_VR, item.is_little_endian, enc, mode, value)
