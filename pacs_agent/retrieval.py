@@ -22,6 +22,7 @@ the previous index until the new one is swapped in.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -88,7 +89,9 @@ class Hit:
     distance: float  # cosine distance, 1 - cos(a, b): 0 identical, 2 opposite
 
 
+@functools.cache
 def _faiss() -> Any:
+    """FAISS, imported once on first use (the agent starts without it when nobody searches)."""
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build it chose
     import faiss
 
