@@ -190,6 +190,9 @@ class Settings(BaseSettings):
     # the next images while the model runs (unset: CPU count - 1, at least 1).
     worker_batch_size: int = Field(default=4, ge=1)
     decode_workers: int | None = Field(default=None, ge=1)
+    # "reduced": a JPEG 2000 image at least four times the model input is decoded only up to
+    # the wavelet level the model needs (workers.imaging.decode_reduced); "full": every pixel.
+    decode_resolution: Literal["reduced", "full"] = "reduced"
     # An association to a C-STORE destination stays open this long after a delivery for the
     # next job to reuse (0: one association per delivery).
     dicom_association_idle_s: float = Field(default=10.0, ge=0)

@@ -357,6 +357,7 @@ def bench_pipeline(
     compare: bool = False,
     rounds: int = 1,
     source: str = "RG1_J2KR.dcm",
+    reduced: bool = True,
     print_fn: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """End-to-end images/s of the production path (`workers.overlap.run_overlapped`, as
@@ -366,7 +367,9 @@ def bench_pipeline(
     ``compare``, the same run also times the old path (each image read and decoded serially in
     this process, the model at batch 8 over all images, then the writers one job after the
     other) and ends with ``pipeline: X img/s, old path Y img/s, speedup Z``. ``rounds`` > 1
-    alternates the paths that many times and reports the fastest run of each."""
+    alternates the paths that many times and reports the fastest run of each. ``reduced``:
+    the production path decodes JPEG 2000 at the resolution the model needs
+    (`PACS_AGENT_DECODE_RESOLUTION=reduced`, the default; the old path decodes every pixel)."""
     from pydicom import dcmread
 
     from workers.decode_pool import DecodePool
@@ -479,7 +482,7 @@ def bench_pipeline(
         # shared machine other load only ever adds time).
         best_new: tuple[Any, dict[str, float], int] | None = None
         best_old: tuple[float, tuple[float, float, float], int] | None = None
-        with DecodePool(bundle.preprocessing.size, workers=workers) as pool:
+        with DecodePool(bundle.preprocessing.size, workers=workers, reduced=reduced) as pool:
             list(pool.imap([("warmup", blobs[0])] * workers))  # the worker's pool is long-lived
             for _ in range(max(1, rounds)):
                 got = run_new(pool)
@@ -503,7 +506,9 @@ def bench_pipeline(
         per_image = {k: v / n for k, v in stage_s.items()}
         bound = max(per_image, key=lambda k: per_image[k])
         print_fn(
-            f"overlapped ({workers} decode processes, model batch {batch_size}, writer "
+            f"overlapped ({workers} decode processes, "
+            f"{'reduced-resolution' if reduced else 'full'} JPEG 2000 decoding, "
+            f"model batch {batch_size}, writer "
             f"thread): {new_ips:.3f} images/s ({stats.wall_s:.2f} s for {n}), "
             f"{outputs_new} output objects"
             + (f", fastest of {rounds} rounds" if rounds > 1 else "")
@@ -528,6 +533,7 @@ def bench_pipeline(
             "bound": bound,
             "images_per_s": new_ips,
             "workers": workers,
+            "decode_resolution": "reduced" if reduced else "full",
             "batch": batch_size,
             "rounds": rounds,
             "outputs": outputs_new,

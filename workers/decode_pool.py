@@ -39,7 +39,14 @@ from pydicom.uid import (
     JPEGLosslessSV1,
 )
 
-from workers.imaging import ImageError, analysed_frame, decode, decode_stored, letterbox
+from workers.imaging import (
+    ImageError,
+    analysed_frame,
+    decode,
+    decode_reduced,
+    decode_stored,
+    letterbox,
+)
 
 log = logging.getLogger(__name__)
 
@@ -198,8 +205,15 @@ def _worker_init() -> None:
         pass
 
 
-def prepare_source(sop: str, source: Any, size: int, prefer_gpu: bool = False) -> Decoded:
-    """Read, decode and letterbox one DICOM (path or bytes). Runs in a pool worker."""
+def prepare_source(
+    sop: str, source: Any, size: int, prefer_gpu: bool = False, reduced: bool = False
+) -> Decoded:
+    """Read, decode and letterbox one DICOM (path or bytes). Runs in a pool worker.
+
+    ``reduced``: a JPEG 2000 image much larger than the model input is decoded at a reduced
+    resolution (`imaging.decode_reduced`; backend "cpu-reduced"); the prepared image's
+    ``display`` is then that reduced image (the writers resample it to the source's size) and
+    its transform is the source's."""
     from workers.models.runner import PreparedImage
 
     t0 = time.perf_counter()
@@ -209,7 +223,12 @@ def prepare_source(sop: str, source: Any, size: int, prefer_gpu: bool = False) -
         fh = BytesIO(source) if isinstance(source, bytes | bytearray) else Path(source)
         ds = dcmread(fh)
         frame = analysed_frame(ds)
-        image, backend = decode_auto(ds, prefer_gpu=prefer_gpu, frame=frame)
+        image = None
+        if reduced and not prefer_gpu:
+            image, backend = decode_reduced(ds, size, frame), "cpu-reduced"
+        if image is None:
+            image, backend = decode_auto(ds, prefer_gpu=prefer_gpu, frame=frame)
+        source_shape = (int(ds.Rows), int(ds.Columns))
     except ImageError as exc:
         return Decoded(sop, None, str(exc), time.perf_counter() - t0, 0.0, frame=frame, pid=pid)
     except Exception as exc:  # unreadable file; pydicom's text can quote header values
@@ -217,7 +236,7 @@ def prepare_source(sop: str, source: Any, size: int, prefer_gpu: bool = False) -
         return Decoded(sop, None, why, time.perf_counter() - t0, 0.0, frame=frame, pid=pid)
     t1 = time.perf_counter()
     try:
-        boxed, transform = letterbox(image, size)
+        boxed, transform = letterbox(image, size, source_shape=source_shape)
     except Exception as exc:
         why = f"cannot letterbox: {type(exc).__name__}"
         return Decoded(sop, None, why, t1 - t0, time.perf_counter() - t1, backend, frame, pid)
@@ -239,10 +258,12 @@ class DecodePool:
         prefetch: int | None = None,
         prefer_gpu: bool = False,
         start_method: str | None = None,
+        reduced: bool = False,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
         self.size = size
+        self.reduced = reduced  # `prepare_source`'s reduced-resolution JPEG 2000 decoding
         self.workers = workers
         self.prefetch = prefetch or 2 * workers
         # The most sources decoding or decoded but not yet taken (at most ``prefetch``): what
@@ -274,7 +295,9 @@ class DecodePool:
                 if not isinstance(src, bytes | bytearray):
                     src = str(src)
                 pending.append(
-                    self._executor.submit(prepare_source, sop, src, self.size, self.prefer_gpu)
+                    self._executor.submit(
+                        prepare_source, sop, src, self.size, self.prefer_gpu, self.reduced
+                    )
                 )
                 self.high_water = max(self.high_water, len(pending))
             if not pending:

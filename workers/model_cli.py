@@ -228,6 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--compare", action="store_true", help="also time the old serial path, print the speedup"
     )
     pipe.add_argument("--source", default="RG1_J2KR.dcm", help="pydicom-data test file")
+    pipe.add_argument(
+        "--decode-resolution",
+        choices=("reduced", "full"),
+        default="reduced",
+        help="the production path's JPEG 2000 decoding (PACS_AGENT_DECODE_RESOLUTION; default "
+        "reduced); the old path always decodes every pixel",
+    )
     pipe.add_argument("--json", type=Path, default=None)
     return p
 
@@ -545,6 +552,7 @@ def _bench_pipeline(args: argparse.Namespace) -> int:
         compare=args.compare,
         rounds=args.rounds,
         source=args.source,
+        reduced=args.decode_resolution == "reduced",
     )
     bench_json(str(args.json) if args.json else None, result)
     return 0

@@ -94,6 +94,7 @@ class WorkerContext:
                     prefer_gpu=self.settings.worker_device != "cpu",
                     # The worker has threads (leases, broker) and maybe CUDA: no fork of it.
                     start_method="spawn",
+                    reduced=self.settings.decode_resolution == "reduced",
                 )
                 log.info(
                     "decode pool: %d %s for %d px inputs",

@@ -1,7 +1,10 @@
 """Heatmap Secondary Capture writer: the source image in grey with a colour overlay.
 
 The image is RGB, 8 bit, with the source's rows and columns, so it lies pixel for pixel on the
-source. Burned in: a banner "AI OUTPUT - <disclaimer>" across the top and a small colour legend
+source. Its grey background is the analysed image: from a reduced-resolution decode
+(`workers.imaging.decode_reduced`, the default for large JPEG 2000 images) it is resampled to the
+source's size, slightly softer than the source; `PACS_AGENT_DECODE_RESOLUTION=full` keeps it sharp.
+Burned in: a banner "AI OUTPUT - <disclaimer>" across the top and a small colour legend
 (bottom right); Burned In Annotation is YES. The source is referenced from Source Image Sequence
 (purpose "Source image for image processing operation") and Referenced Image Sequence.
 
@@ -47,12 +50,49 @@ def heat_alpha(heat: np.ndarray) -> np.ndarray:
     )
 
 
+# Heat is looked up in tables of this many steps (`compose_overlay`).
+_HEAT_STEPS = 1024
+
+
+def _heat_tables() -> tuple[np.ndarray, np.ndarray]:
+    """(colour x opacity x 255 as [steps, 3], 1 - opacity as [steps]) over heat 0..1."""
+    heat = np.linspace(0.0, 1.0, _HEAT_STEPS, dtype=np.float32)
+    alpha = heat_alpha(heat)
+    return (jet(heat) * alpha[:, np.newaxis] * 255.0).astype(np.float32), (1.0 - alpha)
+
+
+_COLOUR_TABLE, _KEEP_TABLE = _heat_tables()
+
+
 def compose_overlay(display: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
-    """Grey ``display`` blended with the coloured ``heatmap`` -> (rows, cols, 3) uint8."""
-    grey = np.clip(display, 0.0, 1.0).astype(np.float32)[..., np.newaxis]
-    alpha = heat_alpha(heatmap.astype(np.float32))[..., np.newaxis]
-    rgb = grey * (1.0 - alpha) + jet(heatmap.astype(np.float32)) * alpha
-    return np.round(rgb * 255.0).astype(np.uint8)
+    """Grey ``display`` blended with the coloured ``heatmap`` -> (rows, cols, 3) uint8.
+
+    The colour and opacity of a heat value come from tables of 1,024 steps (a step is 1/1023
+    of heat; an 8-bit output moves by at most one grey level): on a 1955 x 1841 radiograph
+    0.07 s instead of 0.32 s for the colormap evaluated per pixel (random heat, this 2-core
+    machine)."""
+    heat = np.clip(heatmap, 0.0, 1.0).astype(np.float32) * float(_HEAT_STEPS - 1)
+    step = np.rint(heat, out=heat).astype(np.uint16)
+    grey = np.clip(display, 0.0, 1.0).astype(np.float32) * 255.0
+    grey *= np.take(_KEEP_TABLE, step)
+    rgb = np.take(_COLOUR_TABLE, step, axis=0)  # (rows, cols, 3): colour x opacity x 255
+    rgb += grey[..., np.newaxis]
+    return np.rint(rgb, out=rgb).astype(np.uint8)
+
+
+def _at_source_size(display: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A reduced-resolution ``display`` (each side ceil(side / 2^r), `imaging.decode_reduced`)
+    resampled to the source's ``shape``; any other array unchanged (the shape check then
+    refuses a wrong one)."""
+    if display.ndim != 2 or display.shape == shape:
+        return display
+    for r in range(1, 8):
+        power = 1 << r
+        if display.shape == (-(-shape[0] // power), -(-shape[1] // power)):
+            from workers.imaging import resize_plane
+
+            return resize_plane(display, shape)
+    return display
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -153,6 +193,7 @@ def build_heatmap_sc(
     common.check_algorithm(algorithm)
     common.check_frame(source, frame)
     shape = (int(source.Rows), int(source.Columns))
+    display = _at_source_size(np.asarray(display), shape)
     display = common.check_plane("display", display, shape)
     heatmap = common.check_plane("heatmap", heatmap, shape)
 
