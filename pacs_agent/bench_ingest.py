@@ -12,10 +12,14 @@ instances that arrive together). Orthanc (Debian's /usr/sbin/Orthanc, when insta
 durable peer: SyncStorageArea on (it fsyncs each file), its SQLite index, no plugins, the same
 maximum PDU; it is left out, and says so, when it is not installed.
 
+The agent is measured with each ``--dicom-processes`` setting (PACS_AGENT_DICOM_PROCESSES: C-STORE
+received in that many processes; default the number of CPUs; ``1,4`` measures both, one agent
+each, on the same files): its lines end with ``processes N``.
+
 Printed: MB/s and instances/s per receiver, workload and association count, the agent/storescp
-ratio, the agent's CPU time per instance in each round (user + system of its process: steadier
-than rates on a shared machine), and the agent's peak resident memory (VmHWM) after each round,
-so that a long run (--gigabytes) shows whether memory stays flat.
+ratio, the agent's CPU time per instance in each round (user + system of its processes: steadier
+than rates on a shared machine), and the agent's peak resident memory (VmHWM, summed over its
+processes) after each round, so that a long run (--gigabytes) shows whether memory stays flat.
 """
 
 from __future__ import annotations
@@ -47,6 +51,15 @@ MB = 1_000_000
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
+def _dcmtk(name: str) -> str:
+    """dcmtk's tool by its Debian path: pynetdicom installs a `storescu` and a `storescp` of
+    its own (other options) into the virtual environment, ahead of /usr/bin on its PATH."""
+    return f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").is_file() else name
+
+
+STORESCU, STORESCP = _dcmtk("storescu"), _dcmtk("storescp")
+
+
 @dataclass
 class Measurement:
     target: str
@@ -55,8 +68,10 @@ class Measurement:
     instances: int
     bytes: int
     seconds: float
-    # The agent only: its process's CPU time over the round, per instance.
+    # The agent only: its processes' CPU time over the round, per instance.
     cpu_ms_per_instance: float | None = None
+    # The agent only: its DICOM receiving processes (PACS_AGENT_DICOM_PROCESSES).
+    processes: int | None = None
 
     @property
     def mb_per_s(self) -> float:
@@ -71,6 +86,7 @@ class Measurement:
             f"{self.target:9s} {self.workload:4s} x{self.associations:<2d} "
             f"{self.instances:6d} inst {self.bytes / MB:9.1f} MB {self.seconds:8.2f} s "
             f"{self.mb_per_s:8.1f} MB/s {self.instances_per_s:8.1f} inst/s"
+            + (f"  processes {self.processes}" if self.processes is not None else "")
         )
 
 
@@ -112,6 +128,40 @@ def cpu_seconds(pid: int) -> float | None:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return None
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (the agent's receiving processes), from /proc."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        try:
+            tasks = list(Path(f"/proc/{p}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except (OSError, ValueError):
+                pass
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float | None:
+    """``cpu_seconds`` summed over the process and its descendants (None: ``pid`` unreadable)."""
+    own = cpu_seconds(pid)
+    if own is None:
+        return None
+    return own + sum(cpu_seconds(p) or 0.0 for p in process_tree(pid)[1:])
+
+
+def tree_memory_kb(pid: int, field: str) -> int | None:
+    """``memory_kb`` summed over the process and its descendants."""
+    own = memory_kb(pid, field)
+    if own is None:
+        return None
+    return own + sum(memory_kb(p, field) or 0 for p in process_tree(pid)[1:])
 
 
 def free_port() -> int:
@@ -196,7 +246,7 @@ def send(
             (
                 subprocess.Popen(
                     [
-                        "storescu",
+                        STORESCU,
                         "-aet",
                         "BENCH",
                         "-aec",
@@ -251,7 +301,7 @@ class StoreSCP:
         self._log = open(work / "storescp.log", "wb")
         self.proc = subprocess.Popen(
             [
-                "storescp",
+                STORESCP,
                 "--fork",
                 "-aet",
                 STORESCP_AET,
@@ -348,8 +398,11 @@ class OrthancProcess:
 class AgentProcess:
     """`pacs-agent serve` on free ports with a fresh data folder and database."""
 
-    def __init__(self, work: Path, max_pdu: int, database_url: str | None) -> None:
-        self.data_dir = work / "agent-data"
+    def __init__(
+        self, work: Path, max_pdu: int, database_url: str | None, processes: int = 1
+    ) -> None:
+        self.processes = processes
+        self.data_dir = work / f"agent-data-p{processes}"
         self.dicom_port = free_port()
         self.http_port = free_port()
         self.database_url = database_url or f"sqlite:///{self.data_dir / 'pacs_agent.db'}"
@@ -368,9 +421,10 @@ class AgentProcess:
             PACS_AGENT_MAX_PDU=str(max_pdu),
             PACS_AGENT_QUIET_PERIOD_S="86400",  # nothing completes: ingest only
             PACS_AGENT_MIN_FREE_DISK_MB="100",
+            PACS_AGENT_DICOM_PROCESSES=str(processes),
         )
         cli = [sys.executable, "-m", "pacs_agent.cli"]
-        self.log_path = work / "agent.log"
+        self.log_path = work / f"agent-p{processes}.log"
         self._log = open(self.log_path, "wb")
         up = subprocess.run(
             [*cli, "db", "upgrade"], env=env, stdout=self._log, stderr=subprocess.STDOUT
@@ -380,8 +434,8 @@ class AgentProcess:
         self.proc = subprocess.Popen(
             [*cli, "serve"], env=env, stdout=self._log, stderr=subprocess.STDOUT
         )
-        self._wait_healthy(180)  # a loaded machine imports slowly
-        self.rss_at_start_kb = memory_kb(self.proc.pid, "VmRSS")
+        self._wait_healthy(180)  # a loaded machine imports slowly (healthy: every process up)
+        self.rss_at_start_kb = tree_memory_kb(self.proc.pid, "VmRSS")
 
     def _wait_healthy(self, timeout: float) -> None:
         import logging
@@ -429,7 +483,10 @@ class AgentProcess:
             db.dispose()
 
     def peak_rss_kb(self) -> int | None:
-        return memory_kb(self.proc.pid, "VmHWM")
+        return tree_memory_kb(self.proc.pid, "VmHWM")
+
+    def cpu_seconds(self) -> float | None:
+        return tree_cpu_seconds(self.proc.pid)
 
     def stop(self) -> None:
         stop_process(self.proc, timeout=30)
@@ -459,15 +516,17 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, object]:
     if not workloads:
         raise BenchError("nothing to send: --n-rg1 and --n-ct are both 0")
     per_round = sum(src.stat().st_size * n for _, src, n in workloads)
-    # Source copies + storescp's copy of one round, and the agent's copies of every round.
-    needed = per_round * (2 + 2 * len(args.associations)) + 500 * MB
+    settings = args.dicom_processes
+    # Source copies + storescp's copy of one round, and each agent's copies of every round.
+    needed = per_round * (2 + 2 * len(args.associations) * len(settings)) + 500 * MB
     if shutil.disk_usage(work).free < needed:
         raise BenchError(f"not enough free disk in {work}: about {needed / 1e9:.1f} GB needed")
 
     print(
         f"ingest benchmark: {n_rg1} x RG1_UNCR ({rg1.stat().st_size / MB:.1f} MB), "
         f"{args.n_ct} x CT_small ({ct.stat().st_size / 1000:.0f} kB); associations "
-        f"{','.join(map(str, args.associations))}; max PDU {args.max_pdu}"
+        f"{','.join(map(str, args.associations))}; max PDU {args.max_pdu}; agent DICOM "
+        f"processes {','.join(map(str, settings))}"
     )
     print(
         f"machine: {os.cpu_count()} CPU cores, {cpu_model()}; Python "
@@ -477,10 +536,11 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, object]:
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
     scp = StoreSCP(work, args.max_pdu)
-    agent = None
+    agents: list[AgentProcess] = []
     orthanc = None
     results: list[Measurement] = []
     rss: list[dict[str, object]] = []
+    peaks: dict[int, int | None] = {}
     try:
         if args.no_orthanc or not Path(args.orthanc).is_file():
             why = "--no-orthanc" if args.no_orthanc else f"{args.orthanc} not found"
@@ -488,8 +548,10 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, object]:
         else:
             orthanc = OrthancProcess(work, args.max_pdu, args.orthanc)
             print(f"orthanc: {orthanc.version()} (SyncStorageArea, SQLite index)")
-        agent = AgentProcess(work, args.max_pdu, args.database_url)
-        print(f"agent RSS after start: {_mb(agent.rss_at_start_kb)}")
+        for processes in settings:
+            agent = AgentProcess(work, args.max_pdu, args.database_url, processes)
+            agents.append(agent)
+            print(f"agent RSS after start: {_mb(agent.rss_at_start_kb)}  processes {processes}")
         for assoc in args.associations:
             for name, src, n in workloads:
                 files = make_copies(src, work / f"src-{name}-{assoc}", n)
@@ -512,47 +574,67 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, object]:
                         raise BenchError(f"Orthanc kept {got} of {n} {name} instances")
                     m_orthanc = Measurement("orthanc", name, assoc, n, size, secs)
 
-                cpu_before = cpu_seconds(agent.proc.pid)
-                secs = send(agent.dicom_port, AGENT_AET, files, assoc, args.max_pdu, logs)
-                cpu_after = cpu_seconds(agent.proc.pid)
-                got = agent.recorded(study)
-                if got != n:
-                    raise BenchError(f"the agent recorded {got} of {n} {name} instances")
-                m_agent = Measurement("agent", name, assoc, n, size, secs)
-                if cpu_before is not None and cpu_after is not None:
-                    m_agent.cpu_ms_per_instance = (cpu_after - cpu_before) * 1000 / n
+                m_agents = []
+                for agent in agents:
+                    cpu_before = agent.cpu_seconds()
+                    secs = send(agent.dicom_port, AGENT_AET, files, assoc, args.max_pdu, logs)
+                    cpu_after = agent.cpu_seconds()
+                    got = agent.recorded(study)
+                    if got != n:
+                        raise BenchError(
+                            f"the agent ({agent.processes} processes) recorded {got} of {n} "
+                            f"{name} instances"
+                        )
+                    m_agent = Measurement(
+                        "agent", name, assoc, n, size, secs, processes=agent.processes
+                    )
+                    if cpu_before is not None and cpu_after is not None:
+                        m_agent.cpu_ms_per_instance = (cpu_after - cpu_before) * 1000 / n
+                    m_agents.append(m_agent)
 
                 shutil.rmtree(work / f"src-{name}-{assoc}")
-                results += [m for m in (m_scp, m_orthanc, m_agent) if m is not None]
+                results += [m for m in (m_scp, m_orthanc) if m is not None] + m_agents
                 print(m_scp.line())
                 if m_orthanc is not None:
                     print(m_orthanc.line())
-                print(m_agent.line())
-                if m_agent.cpu_ms_per_instance is not None:
+                for m_agent in m_agents:
+                    print(m_agent.line())
+                for m_agent in m_agents:
+                    tag = f"  processes {m_agent.processes}"
+                    if m_agent.cpu_ms_per_instance is not None:
+                        print(
+                            f"agent     {name:4s} x{assoc:<2d} CPU "
+                            f"{m_agent.cpu_ms_per_instance:.1f} ms per instance "
+                            f"(user + system, all its processes and threads){tag}"
+                        )
                     print(
-                        f"agent     {name:4s} x{assoc:<2d} CPU {m_agent.cpu_ms_per_instance:.1f} "
-                        "ms per instance (user + system, all its threads)"
+                        f"ratio     {name:4s} x{assoc:<2d} agent/storescp "
+                        f"{m_agent.mb_per_s / m_scp.mb_per_s:.2f}{tag}"
                     )
-                print(
-                    f"ratio     {name:4s} x{assoc:<2d} agent/storescp "
-                    f"{m_agent.mb_per_s / m_scp.mb_per_s:.2f}"
+                    if m_orthanc is not None:
+                        print(
+                            f"ratio     {name:4s} x{assoc:<2d} agent/orthanc "
+                            f"{m_agent.mb_per_s / m_orthanc.mb_per_s:.2f}{tag}"
+                        )
+            for agent in agents:
+                hwm = agent.peak_rss_kb()
+                rss.append(
+                    {"after_associations": assoc, "processes": agent.processes, "peak_rss_kb": hwm}
                 )
-                if m_orthanc is not None:
-                    print(
-                        f"ratio     {name:4s} x{assoc:<2d} agent/orthanc "
-                        f"{m_agent.mb_per_s / m_orthanc.mb_per_s:.2f}"
-                    )
-            hwm = agent.peak_rss_kb()
-            rss.append({"after_associations": assoc, "peak_rss_kb": hwm})
-            print(f"agent peak RSS (VmHWM) after the x{assoc} round: {_mb(hwm)}")
-        peak = agent.peak_rss_kb()
-        print(f"agent peak RSS (VmHWM): {_mb(peak)}")
+                print(
+                    f"agent peak RSS (VmHWM) after the x{assoc} round: {_mb(hwm)}  "
+                    f"processes {agent.processes}"
+                )
+        for agent in agents:
+            peaks[agent.processes] = agent.peak_rss_kb()
+            peak = _mb(peaks[agent.processes])
+            print(f"agent peak RSS (VmHWM): {peak}  processes {agent.processes}")
     except BaseException:
-        if agent is not None:
-            print(f"agent log tail:\n{agent.tail()}", file=sys.stderr)
+        for agent in agents:
+            print(f"agent log tail ({agent.processes} processes):\n{agent.tail()}", file=sys.stderr)
         raise
     finally:
-        if agent is not None:
+        for agent in agents:
             agent.stop()
         if orthanc is not None:
             orthanc.stop()
@@ -568,8 +650,18 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, object]:
             {**asdict(m), "mb_per_s": m.mb_per_s, "instances_per_s": m.instances_per_s}
             for m in results
         ],
-        "agent_rss_at_start_kb": agent.rss_at_start_kb if agent else None,
-        "agent_peak_rss_kb": peak,
+        "dicom_processes": settings,
+        # The first --dicom-processes setting's agent (summed over its processes); every one:
+        "agent_rss_at_start_kb": agents[0].rss_at_start_kb,
+        "agent_peak_rss_kb": peaks[settings[0]],
+        "agents": [
+            {
+                "processes": a.processes,
+                "rss_at_start_kb": a.rss_at_start_kb,
+                "peak_rss_kb": peaks[a.processes],
+            }
+            for a in agents
+        ],
         "agent_peak_rss_by_round": rss,
     }
 
@@ -585,7 +677,7 @@ def _load() -> str:
 def _dcmtk_version() -> str:
     try:
         out = subprocess.run(
-            ["storescu", "--version"], capture_output=True, text=True, timeout=10
+            [STORESCU, "--version"], capture_output=True, text=True, timeout=10
         ).stdout
         return out.splitlines()[0].strip("$ ").replace("storescu ", "dcmtk storescu ")
     except (OSError, IndexError, subprocess.TimeoutExpired):
@@ -599,6 +691,16 @@ def _associations(text: str) -> list[int]:
         raise argparse.ArgumentTypeError("a comma-separated list of integers") from None
     if not values or any(v < 1 or v > 16 for v in values):
         raise argparse.ArgumentTypeError("association counts must be 1 to 16")
+    return values
+
+
+def _processes(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError("a comma-separated list of integers") from None
+    if not values or any(v < 1 or v > 64 for v in values) or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError("distinct process counts of 1 to 64")
     return values
 
 
@@ -620,6 +722,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_associations,
         default=[1, 4],
         help="concurrent associations per round, comma-separated; default 1,4",
+    )
+    p.add_argument(
+        "--dicom-processes",
+        type=_processes,
+        default=[os.cpu_count() or 1],
+        help="the agent's DICOM receiving processes (PACS_AGENT_DICOM_PROCESSES), "
+        "comma-separated to measure several agents (e.g. 1,4); default the number of CPUs",
     )
     p.add_argument(
         "--max-pdu",
@@ -648,7 +757,14 @@ def main(argv: Sequence[str]) -> int:
     if args.n_rg1 < 0 or args.n_ct < 0:
         print("pacs-agent bench ingest: counts must be 0 or more", file=sys.stderr)
         return 2
-    for exe in ("storescu", "storescp"):
+    if args.database_url and len(args.dicom_processes) > 1:
+        # Both agents would record the same files in one database: the second one less work.
+        print(
+            "pacs-agent bench ingest: --database-url takes one --dicom-processes setting",
+            file=sys.stderr,
+        )
+        return 2
+    for exe in (STORESCU, STORESCP):
         if shutil.which(exe) is None:
             print(f"pacs-agent bench ingest: {exe} (dcmtk) is not installed", file=sys.stderr)
             return 2

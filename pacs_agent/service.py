@@ -15,7 +15,6 @@ import threading
 from pathlib import Path
 
 import uvicorn
-from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import select, text
 
 from pacs_agent import fairness, users
@@ -28,8 +27,7 @@ from pacs_agent.db.session import Database
 from pacs_agent.dispatching.notify import NotificationLoop
 from pacs_agent.loop import AgentLoop
 from pacs_agent.queue import make_celery
-from pacs_agent.receiving.dimse import start_scp
-from pacs_agent.receiving.ingest import Ingestor
+from pacs_agent.receiving.processes import Receivers, make_ingestor
 from pacs_agent.receiving.pull import PullWorker
 from pacs_agent.receiving.repair import repair_store
 from pacs_agent.receiving.store import InstanceStore
@@ -64,13 +62,7 @@ class Agent:
         self.db = Database(settings.resolved_database_url)
         check_schema(self.db)
         self.store = InstanceStore(settings.instance_dir)
-        self.ingestor = Ingestor(
-            self.db,
-            self.store,
-            min_free_bytes=settings.min_free_disk_mb * 1024 * 1024,
-            stat_calling_aes=settings.stat_calling_aes,
-            stored_by=settings.resolved_agent_url,
-        )
+        self.ingestor = make_ingestor(settings, self.db, self.store)
         self.celery = make_celery(settings)
         self.loop = AgentLoop(
             self.db,
@@ -92,7 +84,10 @@ class Agent:
             settings, self.db, self.ingestor, complete=self.loop.completion.complete_uid
         )
         self.notifier = NotificationLoop(settings, self.db, self.store)
-        self.scp: ThreadedAssociationServer | None = None
+        # The DICOM listener: in this process, and in PACS_AGENT_DICOM_PROCESSES - 1 children.
+        self.receivers = Receivers(
+            settings, self.ingestor, on_release=self.loop.completion.association_released
+        )
         self.http: uvicorn.Server | None = None
         self._http_thread: threading.Thread | None = None
 
@@ -107,19 +102,13 @@ class Agent:
         with self.db.session() as s:  # an empty pipelines table: the default pipeline
             seed_default_pipeline(s, self.settings)
         self.puller.start()
-        self.scp = start_scp(
-            self.settings, self.ingestor, on_release=self.loop.completion.association_released
-        )
+        self.receivers.start()
         state = AgentState(
             settings=self.settings,
             db=self.db,
             store=self.store,
             puller=self.puller,
-            dimse_running=lambda: (
-                self.scp is not None
-                and self.scp.socket is not None
-                and self.scp.socket.fileno() != -1
-            ),
+            dimse_running=self.receivers.running,
         )
         config = uvicorn.Config(
             create_app(state),
@@ -144,8 +133,7 @@ class Agent:
     def stop(self) -> None:
         self.loop.stop()
         self.notifier.stop()
-        if self.scp is not None:
-            self.scp.shutdown()
+        self.receivers.stop()
         if self.http is not None:
             self.http.should_exit = True
         if self._http_thread is not None:

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     max_pdu: int = 262_144
     # Kernel receive/send buffer of DICOM connections (bytes; 0: the kernel's default).
     dicom_socket_buffer_bytes: int = Field(default=4 * 1024 * 1024, ge=0)
+    # Processes receiving C-STORE (this one and N-1 children accepting on the same port): one
+    # process's CPU under the GIL caps ingest; 1 receives in the agent's process alone.
+    dicom_processes: int = Field(default=1, ge=1, le=64)
     # Group commit of received instances: a forming group waits at most this long for
     # instances still being staged by other associations (a lone instance never waits).
     ingest_group_window_ms: float = Field(default=2.0, ge=0, le=1000)

@@ -12,6 +12,7 @@ import socket
 import ssl
 import tempfile
 import threading
+import time
 import types
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -40,6 +41,7 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
+from pynetdicom.utils import make_target
 
 from pacs_agent.dicom_facts import (
     ANALYSABLE_SOP_CLASSES,
@@ -87,11 +89,13 @@ def handle_echo(event: Event) -> int:
 
 
 class ReleaseTracker:
-    """Remembers which studies each association stored, to report them when it is released."""
+    """Remembers which studies each association stored, to report them when it is released,
+    and how many C-STOREs each association has in its handler now (``drain`` waits for them)."""
 
     def __init__(self, on_release: Callable[[set[str], str], None] | None) -> None:
         self.on_release = on_release
         self._studies: dict[int, set[str]] = {}
+        self._handling: dict[int, int] = {}
         self._lock = threading.Lock()
 
     def stored(self, assoc: Any, study_uid: str) -> None:
@@ -101,6 +105,19 @@ class ReleaseTracker:
     def pop(self, assoc: Any) -> set[str]:
         with self._lock:
             return self._studies.pop(id(assoc), set())
+
+    def handling(self, assoc: Any, delta: int) -> None:
+        with self._lock:
+            n = self._handling.get(id(assoc), 0) + delta
+            if n > 0:
+                self._handling[id(assoc)] = n
+            else:
+                self._handling.pop(id(assoc), None)
+
+    def idle(self, assoc: Any) -> bool:
+        """No C-STORE of this association is being handled (its dataset may still arrive)."""
+        with self._lock:
+            return id(assoc) not in self._handling
 
 
 def _recv_whole(assoc_sock: AssociationSocket, nr_bytes: int) -> bytearray:
@@ -143,11 +160,16 @@ def handle_conn_open(event: Event) -> None:
 def tune_listener(server: ThreadedAssociationServer, buffer_bytes: int) -> None:
     """Larger kernel socket buffers on the listening socket (accepted connections inherit
     them): a 7 MB instance streams in fewer, larger reads. 0 leaves the kernel's defaults."""
-    if buffer_bytes <= 0 or server.socket is None:
+    if server.socket is not None:
+        _set_buffers(server.socket, buffer_bytes)
+
+
+def _set_buffers(sock: socket.socket, buffer_bytes: int) -> None:
+    if buffer_bytes <= 0:
         return
     for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
         try:
-            server.socket.setsockopt(socket.SOL_SOCKET, opt, buffer_bytes)
+            sock.setsockopt(socket.SOL_SOCKET, opt, buffer_bytes)
         except OSError:
             log.warning("could not set the DICOM listener's socket buffer to %d", buffer_bytes)
 
@@ -174,6 +196,23 @@ def handle_store(event: Event, ingestor: Ingestor, tracker: ReleaseTracker | Non
         clean_uid(getattr(event.request, "AffectedSOPInstanceUID", None)),
         clean_uid(getattr(event.request, "AffectedSOPClassUID", None)),
     )
+    if tracker is not None:
+        tracker.handling(event.assoc, +1)
+    try:
+        return _store(event, ingestor, tracker, calling_ae, address, announced)
+    finally:
+        if tracker is not None:
+            tracker.handling(event.assoc, -1)
+
+
+def _store(
+    event: Event,
+    ingestor: Ingestor,
+    tracker: ReleaseTracker | None,
+    calling_ae: str,
+    address: str | None,
+    announced: RefusedUids,
+) -> int:
     path: Path | None = None
     try:
         try:
@@ -267,17 +306,84 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     return ctx
 
 
+class ListenerBusy(OSError):
+    """The DICOM port cannot be bound (another process listens on it, or no permission)."""
+
+
+def open_listener(settings: Settings, backlog: int = 128) -> socket.socket:
+    """Bind and listen on the DICOM port, for several receiving processes to accept on.
+
+    Non-blocking: every process waits for a connection in its own select() and all of them wake
+    up; the ones that lose the race get EAGAIN from accept(), which socketserver ignores, instead
+    of blocking in accept() (which would hold up their shutdown). SO_REUSEADDR as pynetdicom's
+    own listener; the socket buffers of ``tune_listener`` (accepted connections inherit them)."""
+    host, port = settings.dicom_host, settings.dicom_port
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise ListenerBusy(
+            exc.errno, f"cannot listen on DICOM port {host}:{port}: {exc.strerror}"
+        ) from None
+    sock.setblocking(False)
+    _set_buffers(sock, settings.dicom_socket_buffer_bytes)
+    return sock
+
+
+class SharedListenerServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server accepting on a listening socket opened elsewhere
+    (``open_listener``, shared by the agent's receiving processes) instead of binding its own.
+
+    Closing it closes this process's descriptor only: ``shutdown()`` on a shared listening
+    socket would stop it in every process."""
+
+    def __init__(self, *args: Any, listener: socket.socket, **kwargs: Any) -> None:
+        self._listener = listener
+        super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        if self.socket is not None:
+            self.socket.close()  # the unbound socket TCPServer made
+        self._listener.setblocking(False)  # (a descriptor passed to a child forgets it)
+        self.socket = self._listener
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        pass  # already listening
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        # BlockingIOError (an OSError, ignored by socketserver) when another process took it.
+        client, address = self._listener.accept()
+        client.setblocking(True)  # as pynetdicom's own listener gives its connections
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True)
+        return client, address
+
+    def server_close(self) -> None:
+        self._listener.close()
+        self._threads.join()  # type: ignore[attr-defined]  # ThreadingMixIn's request threads
+
+
 def start_scp(
     settings: Settings,
     ingestor: Ingestor,
     on_release: Callable[[set[str], str], None] | None = None,
+    *,
+    listener: socket.socket | None = None,
+    spool: Path | None = None,
 ) -> ThreadedAssociationServer:
     """Start the listener in background threads and return the server (call .shutdown()).
 
     ``on_release(study_uids, calling_ae)`` is called when an association that stored
-    instances is released normally (not when it is aborted).
+    instances is released normally (not when it is aborted). ``listener``: accept on this
+    listening socket (``open_listener``, shared with other receiving processes) instead of
+    binding one; ``spool``: the spool folder of this process (default ``<data>/spool``).
     """
-    prepare_spool(settings.resolved_data_dir / "spool")
+    prepare_spool(spool or settings.resolved_data_dir / "spool")
     ingestor.committer.window_s = settings.ingest_group_window_ms / 1000
     ae = make_ae(settings)
     tracker = ReleaseTracker(on_release)
@@ -289,13 +395,22 @@ def start_scp(
         (evt.EVT_ABORTED, handle_aborted, [tracker]),
     ]
     ctx = tls_context(settings)
-    server = ae.start_server(
-        (settings.dicom_host, settings.dicom_port),
-        block=False,
-        evt_handlers=handlers,
-        ssl_context=ctx,
-    )
-    assert server is not None  # block=False always returns the server
+    address = (settings.dicom_host, settings.dicom_port)
+    if listener is None:
+        server = ae.start_server(address, block=False, evt_handlers=handlers, ssl_context=ctx)
+        assert server is not None  # block=False always returns the server
+    else:
+        server = ae.make_server(
+            address,
+            evt_handlers=handlers,
+            ssl_context=ctx,
+            server_class=SharedListenerServer,
+            listener=listener,
+        )
+        ae._servers.append(server)  # (as start_server does: its shutdown() removes it)
+        target = make_target(server.serve_forever)  # as start_server runs it
+        threading.Thread(target=target, name="dicom-accept", daemon=True).start()
+    server.tracker = tracker  # type: ignore[attr-defined]  # for drain()
     tune_listener(server, settings.dicom_socket_buffer_bytes)
     log.info(
         "DICOM listener %s on port %d%s",
@@ -304,3 +419,24 @@ def start_scp(
         " (TLS)" if ctx else "",
     )
     return server
+
+
+def drain(server: ThreadedAssociationServer, grace_s: float = 5.0, limit_s: float = 30.0) -> None:
+    """Stop a server gracefully: accept nothing more, let open associations finish for up to
+    ``grace_s``, then abort each one between C-STOREs (a C-STORE in its handler is answered
+    first; one whose dataset is still arriving is not acknowledged, so its sender sends it
+    again), and abort whatever is left at ``limit_s``."""
+    server.shutdown()
+    tracker: ReleaseTracker | None = getattr(server, "tracker", None)
+    start = time.monotonic()
+    while server.active_associations:
+        waited = time.monotonic() - start
+        if waited >= limit_s:
+            for assoc in server.active_associations:
+                assoc.abort()
+            break
+        if waited >= grace_s:
+            for assoc in server.active_associations:
+                if tracker is None or tracker.idle(assoc):
+                    assoc.abort()
+        time.sleep(0.05)
