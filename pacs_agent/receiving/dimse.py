@@ -287,10 +287,15 @@ def prepare_spool(spool: Path) -> None:
     lets every start remove what an abort or a crash left.
     """
     spool.mkdir(parents=True, exist_ok=True)
-    for leftover in spool.iterdir():
+    empty_folder(spool)
+    tempfile.tempdir = str(spool)
+
+
+def empty_folder(folder: Path) -> None:
+    """Remove the files directly in ``folder`` (what an abort or a crash left in a spool)."""
+    for leftover in folder.iterdir():
         if leftover.is_file():
             leftover.unlink(missing_ok=True)
-    tempfile.tempdir = str(spool)
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
@@ -334,6 +339,10 @@ def open_listener(settings: Settings, backlog: int = 128) -> socket.socket:
     return sock
 
 
+# A TLS client has this long to complete its handshake (SharedListenerServer).
+_TLS_HANDSHAKE_S = 10.0
+
+
 class SharedListenerServer(ThreadedAssociationServer):
     """pynetdicom's threaded server accepting on a listening socket opened elsewhere
     (``open_listener``, shared by the agent's receiving processes) instead of binding its own.
@@ -360,7 +369,15 @@ class SharedListenerServer(ThreadedAssociationServer):
         client, address = self._listener.accept()
         client.setblocking(True)  # as pynetdicom's own listener gives its connections
         if self.ssl_context:
-            client = self.ssl_context.wrap_socket(client, server_side=True)
+            # The handshake runs in the accept loop: a client that connects and says nothing
+            # must not hold it (nor a stop) for longer than this.
+            client.settimeout(_TLS_HANDSHAKE_S)
+            try:
+                client = self.ssl_context.wrap_socket(client, server_side=True)
+            except OSError:  # ignored by socketserver: the next connection is accepted
+                client.close()
+                raise
+            client.settimeout(None)
         return client, address
 
     def server_close(self) -> None:

@@ -37,6 +37,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import queue
 import signal
 import socket
 import threading
@@ -52,7 +53,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs_agent import metrics
 from pacs_agent.db.session import Database
-from pacs_agent.receiving.dimse import drain, open_listener, start_scp
+from pacs_agent.receiving.dimse import drain, empty_folder, open_listener, start_scp
 from pacs_agent.receiving.ingest import Ingestor
 from pacs_agent.receiving.store import InstanceStore
 from pacs_agent.settings import Settings
@@ -84,13 +85,10 @@ def clear_spools(spool: Path) -> None:
     abort or a crash left, whatever the number of processes was then."""
     if not spool.is_dir():
         return
+    empty_folder(spool)
     for entry in spool.iterdir():
         if entry.is_dir():
-            for leftover in entry.iterdir():
-                if leftover.is_file():
-                    leftover.unlink(missing_ok=True)
-        elif entry.is_file():
-            entry.unlink(missing_ok=True)
+            empty_folder(entry)
 
 
 class Receivers:
@@ -110,6 +108,8 @@ class Receivers:
         self._stopping = threading.Event()
         self._lock = threading.RLock()
         self._monitor: threading.Thread | None = None
+        self._releases: queue.SimpleQueue[tuple[set[str], str] | None] = queue.SimpleQueue()
+        self._release_thread: threading.Thread | None = None
 
     @property
     def processes(self) -> int:
@@ -123,17 +123,25 @@ class Receivers:
             return
         self.listener = open_listener(self.settings)  # a busy port fails here, before children
         self.children = [_Child(k) for k in range(1, self.processes)]
-        for child in self.children:
-            self._spawn(child)
-        self.server = start_scp(
-            self.settings,
-            self.ingestor,
-            on_release=self.on_release,
-            listener=self.listener,
-            spool=spool / "0",
+        self._release_thread = threading.Thread(
+            target=self._relay_releases, name="dicom-release", daemon=True
         )
+        self._release_thread.start()
         self._monitor = threading.Thread(target=self._watch, name="dicom-processes", daemon=True)
-        self._monitor.start()
+        try:
+            for child in self.children:
+                self._spawn(child)
+            self.server = start_scp(
+                self.settings,
+                self.ingestor,
+                on_release=self.on_release,
+                listener=self.listener,
+                spool=spool / "0",
+            )
+            self._monitor.start()
+        except BaseException:
+            self.stop()  # no child outlives a failed start
+            raise
         log.info("DICOM receiving in %d processes", self.processes)
 
     def running(self) -> bool:
@@ -168,10 +176,23 @@ class Receivers:
                 log.error("DICOM receiving process %d did not stop: killed", child.index)
                 proc.kill()
                 proc.join(10)
-        if self._monitor is not None:
+        if self._monitor is not None and self._monitor.is_alive():
             self._monitor.join(10)  # it relays what the children said until they are gone
         for child in children:
             child.close()
+        if self._release_thread is not None:
+            self._releases.put(None)
+            self._release_thread.join(10)
+
+    def _relay_releases(self) -> None:
+        """Association-release completions relayed by the children, one after the other."""
+        while (item := self._releases.get()) is not None:
+            if self.on_release is None:
+                continue
+            try:
+                self.on_release(*item)
+            except Exception:
+                log.exception("association-release completion failed")
 
     # --- the agent's side ---------------------------------------------------------------------
 
@@ -182,7 +203,9 @@ class Receivers:
             target=child_main,
             args=(child.index, self.settings, self.listener, theirs, _log_levels()),
             name=f"dicom-receiver-{child.index}",
-            daemon=False,
+            # Daemonic: if the agent exits without stop() (a failed start), multiprocessing
+            # terminates the children at exit (SIGTERM: they drain) instead of waiting on them.
+            daemon=True,
         )
         proc.start()
         theirs.close()  # the child's end lives in the child only: its exit is our EOF
@@ -222,7 +245,13 @@ class Receivers:
                 if child.conn is not None and child.conn in ready:
                     self._read(child)
                 proc = child.process
-                if proc is not None and proc.sentinel in ready and child.restart_at is None:
+                # exitcode (read above, or by running()) reaps a dead child: its sentinel may
+                # then never be waited on again, so a known exit code counts as well.
+                if (
+                    proc is not None
+                    and child.restart_at is None
+                    and (proc.sentinel in ready or proc.exitcode is not None)
+                ):
                     self._died(child)
                 if child.restart_at is not None and time.monotonic() >= child.restart_at:
                     self._restart(child)
@@ -230,6 +259,7 @@ class Receivers:
     def _restart(self, child: _Child) -> None:
         with self._lock:
             if self._stopping.is_set():
+                child.restart_at = None  # no restart now: the watcher must not spin on it
                 return
             try:
                 self._spawn(child)
@@ -290,8 +320,9 @@ class Receivers:
             elif kind == "refused":
                 metrics.refused(msg[1], msg[2])
             elif kind == "released":
-                if self.on_release is not None:
-                    self.on_release(msg[1], msg[2])
+                # Database work: not in this thread, which must keep draining the pipes (a
+                # child blocked on a full pipe may hold a database lock the completion needs).
+                self._releases.put((msg[1], msg[2]))
             elif kind == "log":
                 record: logging.LogRecord = msg[1]
                 logging.getLogger(record.name).handle(record)
@@ -333,7 +364,7 @@ class _Child:
 def _log_levels() -> dict[str, int]:
     """The levels set on the agent's loggers, for a child to log (and relay) the same records."""
     levels = {"": logging.getLogger().level}
-    for name, logger in logging.Logger.manager.loggerDict.items():
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
         if isinstance(logger, logging.Logger) and logger.level != logging.NOTSET:
             levels[name] = logger.level
     return levels
