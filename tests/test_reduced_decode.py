@@ -19,8 +19,10 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless, generate_uid
 
 from workers.imaging import (
+    ImageError,
     decode,
     decode_reduced,
+    expand_reduced,
     letterbox,
     letterbox_transform,
     reduction_levels,
@@ -211,3 +213,31 @@ def test_the_worker_pool_follows_the_setting(tmp_path: Path, mode: str | None) -
     finally:
         pool.close()
         ctx.db.dispose()
+
+
+def test_padding_and_flat_images_are_left_to_the_full_decode() -> None:
+    padded = _j2k_ds([_phantom(1024, 900, 4095)], 12)
+    padded.PixelPaddingValue = 0  # a reduced border pixel would blend padding and tissue
+    assert decode_reduced(padded, 128) is None
+    flat = _j2k_ds([np.full((1024, 900), 700, np.uint16)], 12)
+    assert decode_reduced(flat, 128) is None  # the full decode says why it is refused
+    with pytest.raises(ImageError):
+        decode(flat)
+
+
+@pytest.mark.parametrize("power", [2, 4, 8])
+def test_expand_reduced_puts_each_sample_on_its_source_pixel(power: int) -> None:
+    rows, cols = 61, 50  # odd and even sides
+    # A level-r decode of a ramp f(i, j) = i + 1000 j holds f at the source pixels 2^r k.
+    reduced = np.add.outer(
+        np.arange(-(-rows // power)) * power, np.arange(-(-cols // power)) * power * 1000.0
+    ).astype(np.float32)
+    out = expand_reduced(reduced, (rows, cols))
+    expected = np.add.outer(np.arange(rows), np.arange(cols) * 1000.0)
+    last_r = (reduced.shape[0] - 1) * power  # beyond the last sample the edge value extends
+    last_c = (reduced.shape[1] - 1) * power
+    np.testing.assert_allclose(
+        out[: last_r + 1, : last_c + 1], expected[: last_r + 1, : last_c + 1], atol=1e-2
+    )
+    with pytest.raises(ValueError, match="reduction"):
+        expand_reduced(np.zeros((20, 20), np.float32), (rows, cols))

@@ -20,7 +20,10 @@ Three steps, each a plain function:
   border of the odd-sized image): a fifth of an 8-bit grey level. None when the image does not
   qualify (another transfer syntax, colour, signed, one frame of a multi-frame image without its
   own fragment, a codestream Pillow cannot size exactly, anything unexpected): then `decode`.
-  Setting `PACS_AGENT_DECODE_RESOLUTION=full` turns it off.
+  Setting `PACS_AGENT_DECODE_RESOLUTION=full` turns it off. Geometry: sample k of level r lies on
+  source pixel 2^r k; `letterbox` resamples it as if it covered the block 2^r k .. 2^r (k+1), a
+  shift of (2^r - 1) / 2 source pixels (0.06 model pixels on RG1 at 224 px), left as it is; the
+  SC's background is placed exactly (`expand_reduced`).
 - `letterbox(image, size)`: the whole image scaled into a `size` x `size` square, the shorter side
   padded symmetrically; the returned `Transform` maps any map over that square (model input pixels
   or the patch-token grid) back onto exact source pixels. ``source_shape`` letterboxes a reduced
@@ -52,6 +55,7 @@ __all__ = [
     "decode",
     "decode_reduced",
     "decode_stored",
+    "expand_reduced",
     "letterbox",
     "letterbox_transform",
     "normalize",
@@ -278,6 +282,10 @@ def decode_reduced(ds: Dataset, size: int, frame: int | None = None) -> np.ndarr
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         return None
+    if "PixelPaddingValue" in ds:
+        # A reduced pixel on the padding's border blends padding and tissue: it would escape
+        # the padding mask and pull the percentile window down.
+        return None
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         bits = int(ds.BitsStored)
@@ -330,7 +338,34 @@ def decode_reduced(ds: Dataset, size: int, frame: int | None = None) -> np.ndarr
     stored = got.astype(np.uint16)
     if shift and (stored & ((1 << shift) - 1)).any():
         return None
-    return decode_stored(ds, stored >> shift, shape=shape)
+    try:
+        return decode_stored(ds, stored >> shift, shape=shape)
+    except ImageError:  # flat, all padding, a bad LUT: the full decode gives the verdict
+        return None
+
+
+def expand_reduced(plane: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A reduced-resolution decode (`decode_reduced`: each side ceil(side / 2^r)) resampled
+    bilinearly onto the source's ``shape``, sample for sample: the wavelet's low-pass samples
+    are the even ones, so sample k of level r lies on source pixel 2^r k and source pixel i
+    reads reduced position i / 2^r (a plain resize would shift it by (2^r - 1) / 2 source
+    pixels). ValueError when ``plane`` is not such a reduction of ``shape``."""
+    arr = np.asarray(plane, dtype=np.float32)
+    rows, cols = int(shape[0]), int(shape[1])
+    power = next(
+        (1 << r for r in range(0, 16) if arr.shape == (-(-rows // (1 << r)), -(-cols // (1 << r)))),
+        None,
+    )
+    if arr.ndim != 2 or power is None:
+        raise ValueError(f"{arr.shape} is not a power-of-two reduction of {(rows, cols)}")
+    if power == 1:
+        return np.ascontiguousarray(arr)
+    i0, i1, f = _bilinear_taps(np.arange(rows, dtype=np.float64) / power, arr.shape[0])
+    fy = f.astype(np.float32)[:, None]
+    tall = arr[i0] * (1.0 - fy) + arr[i1] * fy  # [rows, reduced columns]
+    j0, j1, g = _bilinear_taps(np.arange(cols, dtype=np.float64) / power, arr.shape[1])
+    gx = g.astype(np.float32)[None, :]
+    return np.ascontiguousarray(tall[:, j0] * (1.0 - gx) + tall[:, j1] * gx, dtype=np.float32)
 
 
 def resize_plane(plane: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

@@ -90,7 +90,9 @@ class ImageResult:
     # Attention heatmap normalised to 0..1, shape (rows, columns).
     heatmap: np.ndarray
     # The windowed source image as the model saw it, 0..1, shape (rows, columns), MONOCHROME2
-    # sense (bright = dense), used as the background of the secondary capture.
+    # sense (bright = dense), used as the background of the secondary capture; from a
+    # reduced-resolution decode (workers.imaging.decode_reduced) each side is ceil(side / 2^r),
+    # and the SC writer expands it onto the source's pixels (imaging.expand_reduced).
     display: np.ndarray
     extra: dict[str, object] = field(default_factory=dict)
 

@@ -82,17 +82,16 @@ def compose_overlay(display: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
 
 def _at_source_size(display: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """A reduced-resolution ``display`` (each side ceil(side / 2^r), `imaging.decode_reduced`)
-    resampled to the source's ``shape``; any other array unchanged (the shape check then
-    refuses a wrong one)."""
+    resampled onto the source's pixels (`imaging.expand_reduced`); any other array unchanged
+    (the shape check then refuses a wrong one)."""
     if display.ndim != 2 or display.shape == shape:
         return display
-    for r in range(1, 8):
-        power = 1 << r
-        if display.shape == (-(-shape[0] // power), -(-shape[1] // power)):
-            from workers.imaging import resize_plane
+    from workers.imaging import expand_reduced
 
-            return resize_plane(display, shape)
-    return display
+    try:
+        return expand_reduced(display, shape)
+    except ValueError:
+        return display
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
