@@ -31,6 +31,7 @@ from pacs_agent.receiving.processes import Receivers
 from pacs_agent.receiving.store import InstanceStore
 from pacs_agent.settings import Settings
 from tests.conftest import AgentEnv, Proc, free_port, sample_path
+from tests.support.storescu import acknowledged
 from tests.test_tls import pki  # noqa: F401  (the throw-away CA of the TLS tests)
 
 STORESCU = "/usr/bin/storescu"  # dcmtk's (the venv has a pynetdicom `storescu` too)
@@ -321,19 +322,6 @@ def test_servers_sharing_a_listener_all_stop_promptly_after_accept_races(tmp_pat
     assert listener.fileno() == -1
 
 
-def _acknowledged(log_text: str) -> list[str]:
-    """Files storescu was told were stored, from its verbose log."""
-    acked, current = [], None
-    for line in log_text.splitlines():
-        m = re.search(r"Sending file: (\S+)", line)
-        if m:
-            current = m.group(1)
-        elif "Received Store Response (Success)" in line and current:
-            acked.append(current)
-            current = None
-    return acked
-
-
 def _paced_sender(port: int, acked: list[str], result: dict[str, bool]) -> None:
     """A modality that keeps its association open: a C-STORE every 0.1 s until it is cut."""
     from pynetdicom import AE
@@ -380,7 +368,7 @@ def test_stop_during_transfers_answers_and_loses_nothing(
     result: dict[str, bool] = {}
     slow = threading.Thread(target=_paced_sender, args=(agent_env.dicom_port, paced, result))
     slow.start()
-    _wait("transfers under way", lambda: bool(paced and _acknowledged(log.read_text())), 60)
+    _wait("transfers under way", lambda: bool(paced and acknowledged(log.read_text())), 60)
     stopping = time.monotonic()
     proc.popen.terminate()
     assert proc.popen.wait(timeout=60) == 0, proc.log_tail()
@@ -389,7 +377,7 @@ def test_stop_during_transfers_answers_and_loses_nothing(
     assert sender.wait(timeout=60) == 0  # it finished within the grace period
     slow.join(timeout=60)
     assert result == {"aborted": True}  # cut by the agent, not by the sender's own end
-    acked = [str(dcmread(f).SOPInstanceUID) for f in _acknowledged(log.read_text())]
+    acked = [str(dcmread(f).SOPInstanceUID) for f in acknowledged(log.read_text())]
     assert len(acked) == 30
     db = Database(agent_env.env["PACS_AGENT_DATABASE_URL"])
     try:

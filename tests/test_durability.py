@@ -4,7 +4,6 @@ middle of a 200-instance transfer from storescu."""
 from __future__ import annotations
 
 import datetime as dt
-import re
 import subprocess
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ from pacs_agent.receiving.repair import MISSING, repair_store
 from pacs_agent.receiving.store import InstanceStore
 from pacs_agent.settings import Settings
 from tests.conftest import AgentEnv, free_port, sample_path
+from tests.support.storescu import acknowledged
 
 
 def _ingest(ingestor: Ingestor, name: str) -> str:
@@ -129,19 +129,6 @@ def _copies(tmp: Path, n: int) -> list[Path]:
     return out
 
 
-def _acknowledged(log_text: str) -> list[str]:
-    """Files storescu was told were stored, from its verbose log, in order."""
-    acked, current = [], None
-    for line in log_text.splitlines():
-        m = re.search(r"Sending file: (\S+)", line)
-        if m:
-            current = m.group(1)
-        elif "Received Store Response (Success)" in line and current:
-            acked.append(current)
-            current = None
-    return acked
-
-
 @pytest.mark.e2e
 def test_kill_9_during_transfer_loses_no_acknowledged_instance(
     tmp_path: Path, demo_bundle: Path
@@ -171,13 +158,13 @@ def test_kill_9_during_transfer_loses_no_acknowledged_instance(
             stderr=subprocess.STDOUT,
         )
         end = time.monotonic() + 120
-        while len(_acknowledged(log_path.read_text())) < 60:
+        while len(acknowledged(log_path.read_text())) < 60:
             assert time.monotonic() < end, "transfer too slow"
             assert sender.poll() is None, "storescu finished before the kill"
             time.sleep(0.02)
         proc.stop(sig="kill")
         sender.wait(timeout=60)
-    acked = _acknowledged(log_path.read_text())
+    acked = acknowledged(log_path.read_text())
     assert 60 <= len(acked) < 200, len(acked)
 
     agent.procs.clear()
@@ -247,7 +234,7 @@ def test_kill_9_after_a_burst_from_four_associations_loses_no_acknowledged_insta
             )
 
     def acked() -> list[str]:
-        return [f for path in logs for f in _acknowledged(path.read_text())]
+        return [f for path in logs for f in acknowledged(path.read_text())]
 
     end = time.monotonic() + 120
     while len(acked()) < 60:
@@ -259,7 +246,7 @@ def test_kill_9_after_a_burst_from_four_associations_loses_no_acknowledged_insta
         sender.wait(timeout=60)
     done = acked()
     assert 60 <= len(done) < 240, len(done)
-    assert all(len(_acknowledged(path.read_text())) > 0 for path in logs)  # all four sent
+    assert all(len(acknowledged(path.read_text())) > 0 for path in logs)  # all four sent
 
     agent.procs.clear()
     agent.start_agent()  # start-up repair runs before the listener opens
