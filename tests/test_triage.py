@@ -450,18 +450,23 @@ def _wait(cond: Any, timeout: float, what: str, dep: Deployment) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("deployment", [{"PACS_AGENT_WORKER_BATCH_JOBS": "8"}], indirect=True)
+@pytest.mark.parametrize("deployment", [{"PACS_AGENT_WORKER_BATCH_JOBS": "16"}], indirect=True)
 def test_stat_and_urgent_finish_before_every_routine_study_still_queued(
     deployment: Deployment,
 ) -> None:
     dep = deployment
-    dep.start_worker()
-    routine = [dep.add("routine", 48, seed=i) for i in range(30)]
+    routine = [dep.add("routine", 48, seed=i) for i in range(40)]
+
+    def queued() -> bool:
+        return all(j.status == "queued" for j in _job_rows(dep, routine).values())
 
     def busy() -> bool:
         rows = _job_rows(dep, routine)
         return any(j.status != "queued" and j.status != "pending" for j in rows.values())
 
+    # The backlog is queued before the worker starts: its first batch is a full one (16).
+    _wait(queued, 60, "the routine backlog queued", dep)
+    dep.start_worker()
     _wait(busy, 60, "the worker taking its first batch", dep)  # one worker busy with a batch
     urgent = dep.add("urgent", 48, seed=100)
     stat = dep.add("stat", 48, seed=101)
@@ -479,19 +484,21 @@ def test_stat_and_urgent_finish_before_every_routine_study_still_queued(
         assert at(rows[r].finished_at) > at(rows[stat].finished_at)
         assert at(rows[r].finished_at) > at(rows[urgent].finished_at)
     # Nor did the stat study wait for the whole routine batch in flight when it arrived: the
-    # worker ran it between two steps of the batch. (When it arrived during the batch's last
-    # step there was nothing left to jump: checked only with two or more jobs still to finish.)
+    # worker checks for a more urgent job before it fetches each job of the batch. It fetches
+    # ahead of its writes (the decode pool's look-ahead of 2, up to 3 images waiting for a model
+    # batch of 4, 2 jobs queued for the writer, 1 being written, 1 being fetched): at most
+    # about ten jobs are past that check at any moment, so with twelve or more of the batch
+    # still to finish when the stat study arrived, some were not fetched yet, and the stat
+    # study is taken before them. The claim (started_at) is what shows it: whether it also
+    # finishes first depends on its own analysis against the batch's remaining writes.
     in_flight = [
         r
         for r in routine
         if at(rows[r].started_at) < at(rows[stat].enqueued_at) < at(rows[r].finished_at)
     ]
-    # The worker claims the stat job (started_at) when it takes it between two steps; whether it
-    # then also finishes first depends on how long its own analysis takes against the batch's
-    # remaining steps, so the claim is what shows it did not wait.
-    if len(in_flight) >= 2:
-        last = max(at(rows[r].finished_at) for r in in_flight)
-        assert at(rows[stat].started_at) < last, "the stat study waited for the whole batch"
+    assert len(in_flight) >= 12, f"the stat study came late in the batch: {len(in_flight)} left"
+    last = max(at(rows[r].finished_at) for r in in_flight)
+    assert at(rows[stat].started_at) < last, "the stat study waited for the whole batch"
     # The stat job ran alone.
     with dep.db.session() as s:
         running = s.scalar(
