@@ -305,6 +305,17 @@ def decode_reduced(ds: Dataset, size: int, frame: int | None = None) -> np.ndarr
     r = reduction_levels(rows, cols, size, _codestream_levels(codestream))
     if r == 0:
         return None
+    # The codestream's own header (pylibjpeg-openjpeg reads it) before any decoding: one
+    # unsigned sample per pixel, and its depth, which Pillow scales to its mode's.
+    try:
+        import openjpeg
+
+        params = openjpeg.get_parameters(codestream)
+        precision = int(params["precision"])
+        if params.get("is_signed") or int(params.get("samples_per_pixel", 1)) != 1:
+            return None
+    except Exception:
+        return None
     power = 1 << r
     shape = (math.ceil(rows / power), math.ceil(cols / power))
     try:
@@ -322,16 +333,7 @@ def decode_reduced(ds: Dataset, size: int, frame: int | None = None) -> np.ndarr
         return None
     # Pillow scales samples to its mode's depth (a 15-bit sample comes shifted left by one);
     # shifted back, the low bits must be zero, else this is not what it seems. The depth is
-    # the codestream's (pylibjpeg-openjpeg reads it from the header), not Bits Stored's.
-    try:
-        import openjpeg
-
-        params = openjpeg.get_parameters(codestream)
-        precision = int(params["precision"])
-        if params.get("is_signed") or int(params.get("samples_per_pixel", 1)) != 1:
-            return None
-    except Exception:
-        return None
+    # the codestream's, not Bits Stored's.
     shift = (8 if mode == "L" else 16) - precision
     if shift < 0:
         return None
@@ -369,8 +371,8 @@ def expand_reduced(plane: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def resize_plane(plane: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """A 2-D float image resampled bilinearly to ``shape`` (pixel centres aligned, as a
-    reduced-resolution decode's pixels cover the source's); float32."""
+    """A 2-D float image resampled bilinearly to ``shape`` (torch's half-pixel convention,
+    anti-aliased when it shrinks); float32. `letterbox` resizes with it."""
     arr = np.ascontiguousarray(plane, dtype=np.float32)
     if arr.shape == tuple(shape):
         return arr

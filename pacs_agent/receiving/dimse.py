@@ -416,7 +416,8 @@ def start_scp(
     if listener is None:
         server = ae.start_server(address, block=False, evt_handlers=handlers, ssl_context=ctx)
         assert server is not None  # block=False always returns the server
-    else:
+        tune_listener(server, settings.dicom_socket_buffer_bytes)
+    else:  # (a shared listener's buffers were set once, by open_listener)
         server = ae.make_server(
             address,
             evt_handlers=handlers,
@@ -428,7 +429,6 @@ def start_scp(
         target = make_target(server.serve_forever)  # as start_server runs it
         threading.Thread(target=target, name="dicom-accept", daemon=True).start()
     server.tracker = tracker  # type: ignore[attr-defined]  # for drain()
-    tune_listener(server, settings.dicom_socket_buffer_bytes)
     log.info(
         "DICOM listener %s on port %d%s",
         settings.ae_title,
